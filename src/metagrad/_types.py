@@ -1,0 +1,83 @@
+"""Types shared by every module: parameters, batches, tasks and the solver / estimator protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
+
+from torch import Tensor
+
+Params = dict[str, Tensor]
+"""Parameters as a plain dict, keyed like ``module.named_parameters()``."""
+
+Metrics = dict[str, Tensor]
+
+
+class Batch(NamedTuple):
+    """Inputs ``x`` and targets ``y``; dim 0 indexes examples (or tasks, then examples)."""
+
+    x: Tensor
+    y: Tensor
+
+
+class Task(NamedTuple):
+    """A support set to adapt on and a query set to score on.
+
+    For a batch of tasks every tensor carries the task index on dim 0:
+    ``support.x`` has shape ``(tasks, examples, *features)``.
+    """
+
+    support: Batch
+    query: Batch
+
+
+LossFn = Callable[[Params, Batch], Tensor]
+"""``loss(params, batch) -> scalar``, the mean over the batch's examples."""
+
+
+class Adapted(NamedTuple):
+    """What an inner solver returns.
+
+    ``params`` are the adapted parameters ``phi``; ``losses`` holds the loss before each inner step
+    (shape ``(steps,)``). With ``record=True``, ``path`` is ``[theta^0, ..., theta^K]``, ``grads`` the
+    gradients at ``theta^0 .. theta^{K-1}`` and ``path_losses`` the ``K + 1`` losses along the path.
+    """
+
+    params: Params
+    losses: Tensor
+    path: list[Params] | None = None
+    grads: list[Params] | None = None
+    path_losses: Tensor | None = None
+
+
+class InnerSolver(Protocol):
+    """``solver(loss, init, batch, *, keys=None, record=False) -> Adapted``.
+
+    ``keys`` restricts adaptation to those parameter names (the others pass through unchanged).
+    A solver is differentiable whenever it is called under an outer ``torch.func`` transform.
+    """
+
+    steps: int
+
+    def __call__(
+        self,
+        loss: LossFn,
+        init: Params,
+        batch: Batch,
+        *,
+        keys: Sequence[str] | None = None,
+        record: bool = False,
+    ) -> Adapted: ...
+
+
+class Estimator(Protocol):
+    """A meta-gradient estimator: ``estimator(theta, task) -> (meta_grad, metrics)`` for one task."""
+
+    loss: LossFn
+    inner: InnerSolver
+
+    def meta_grad(self, theta: Params, task: Task) -> tuple[Params, Metrics]: ...
+
+    def __call__(self, theta: Params, task: Task) -> tuple[Params, Metrics]: ...
+
+    def adapt(self, theta: Params, support: Batch) -> Params: ...
