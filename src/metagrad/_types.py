@@ -38,9 +38,10 @@ LossFn = Callable[[Params, Batch], Tensor]
 class Adapted(NamedTuple):
     """What an inner solver returns.
 
-    ``params`` are the adapted parameters ``phi``; ``losses`` holds the loss before each inner step
-    (shape ``(steps,)``). With ``record=True``, ``path`` is ``[theta^0, ..., theta^K]``, ``grads`` the
-    gradients at ``theta^0 .. theta^{K-1}`` and ``path_losses`` the ``K + 1`` losses along the path.
+    ``params`` are the adapted parameters ``phi``; ``losses`` holds the loss before each inner
+    step (shape ``(steps,)``). With ``record=True``, ``path`` is ``[theta^0, ..., theta^K]``,
+    ``grads`` the gradients at ``theta^0 .. theta^{K-1}`` and ``path_losses`` the ``K + 1`` losses
+    along the path.
     """
 
     params: Params
@@ -71,7 +72,7 @@ class InnerSolver(Protocol):
 
 
 class Estimator(Protocol):
-    """A meta-gradient estimator: ``estimator(theta, task) -> (meta_grad, metrics)`` for one task."""
+    """A meta-gradient estimator: ``estimator(theta, task) -> (meta_grad, metrics)``, one task."""
 
     loss: LossFn
     inner: InnerSolver

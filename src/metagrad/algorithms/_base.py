@@ -1,0 +1,101 @@
+"""What every estimator shares: input checks, the finiteness check, metrics, ``__call__``."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from metagrad import tree
+from metagrad._types import Adapted, Batch, LossFn, Metrics, Params, Task
+
+
+def check_batch(batch: Batch, name: str, task_dims: int) -> None:
+    """Raise ``ValueError`` unless ``x`` and ``y`` agree on their leading (task, example) dims."""
+    x, y = batch
+    lead = task_dims + 1
+    if x.dim() < lead or y.dim() < lead or x.shape[:lead] != y.shape[:lead]:
+        raise ValueError(
+            f"{name}.x has shape {tuple(x.shape)} and {name}.y {tuple(y.shape)}: their first "
+            f"{lead} dims ({'tasks, ' if task_dims else ''}examples) must match; stack tasks on "
+            "dim 0 and examples on the next dim"
+        )
+
+
+def check_task(task: Task, batched: bool) -> None:
+    """Raise ``ValueError`` for a malformed task (or batch of tasks when ``batched``)."""
+    if not isinstance(task, Task):
+        raise ValueError(
+            f"expected metagrad.Task(support=Batch(x, y), query=Batch(x, y)), got {type(task)}"
+        )
+    d = int(batched)
+    check_batch(task.support, "support", d)
+    check_batch(task.query, "query", d)
+    s, q = task.support.x, task.query.x
+    if s.shape[d + 1 :] != q.shape[d + 1 :] or (batched and s.shape[0] != q.shape[0]):
+        raise ValueError(
+            f"support.x has shape {tuple(s.shape)} and query.x {tuple(q.shape)}: support and "
+            "query must hold the same number of tasks and examples of the same shape"
+        )
+
+
+def check_finite(metrics: Metrics) -> None:
+    """Raise ``ValueError`` naming the first non-finite inner loss (task, step) or query loss.
+
+    ``metrics["inner_losses"]`` is ``(steps,)`` for one task or ``(tasks, steps)`` for a batch.
+    One read back to the host per call, none inside the inner loop.
+    """
+    inner = metrics["inner_losses"]
+    bad = ~inner.isfinite()
+    if bool(bad.any()):
+        index = bad.nonzero()[0].tolist()
+        where = (
+            f"task {index[0]}, inner step {index[1]}"
+            if inner.dim() == 2
+            else f"inner step {index[0]}"
+        )
+        raise ValueError(
+            f"non-finite support loss ({inner[tuple(index)].item()}) at {where}: lower the inner "
+            "learning rate or the number of inner steps, or check the task's inputs"
+        )
+    query = metrics["query_loss"]
+    if not bool(query.isfinite().all()):
+        raise ValueError(
+            "non-finite query loss after adaptation: lower the inner learning rate or the number "
+            "of inner steps, or check the task's inputs"
+        )
+
+
+def task_metrics(loss: LossFn, adapted: Adapted, query: Batch, query_loss: Tensor) -> Metrics:
+    """The metrics every estimator reports for one task."""
+    metrics = {"query_loss": query_loss.detach(), "inner_losses": adapted.losses.detach()}
+    if getattr(loss, "is_classification", False):
+        metrics["query_accuracy"] = loss.accuracy(tree.detach(adapted.params), query)  # type: ignore[attr-defined]
+    return metrics
+
+
+class Estimator:
+    """Base of the estimators: ``__call__`` checks the task, runs ``meta_grad``, checks the result.
+
+    Subclasses are frozen dataclasses with ``loss`` and ``inner`` fields and a pure, ``vmap``-able
+    ``meta_grad(theta, task) -> (grad, metrics)`` for one task.
+    """
+
+    loss: LossFn
+    inner: object
+
+    def meta_grad(self, theta: Params, task: Task) -> tuple[Params, Metrics]:
+        raise NotImplementedError
+
+    def __call__(self, theta: Params, task: Task) -> tuple[Params, Metrics]:
+        """The meta-gradient for one task: keys, shapes and dtypes of ``theta``."""
+        check_task(task, batched=False)
+        grad, metrics = self.meta_grad(tree.detach(theta), task)
+        check_finite(metrics)
+        return grad, metrics
+
+    def adapt(self, theta: Params, support: Batch) -> Params:
+        """The adapted parameters ``phi`` for one task's support set (no graph kept)."""
+        check_batch(support, "support", 0)
+        return tree.detach(self._adapt(tree.detach(theta), support).params)
+
+    def _adapt(self, theta: Params, support: Batch) -> Adapted:
+        return self.inner(self.loss, theta, support)  # type: ignore[operator]

@@ -1,0 +1,163 @@
+"""Models and losses. A model is any ``nn.Module``, used as a skeleton through ``functional_call``.
+
+The networks of the papers: :class:`Conv4` (Omniglot; with ``hidden=32, pool="max"`` the
+Mini-ImageNet variant) and :class:`MLP` (sinusoid regression). Both name their last layer ``head``,
+so ``ANIL(..., head=("head.",))`` adapts the head only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metagrad._types import Batch, Params
+
+__all__ = ["BatchNorm", "Conv4", "Loss", "MLP", "conv4_mini_imagenet", "loss_fn", "params_of"]
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation on batch statistics only (no running statistics), over every dim but 1.
+
+    ``y = w * (x - mean) / sqrt(var + eps) + b``, written from ``mean`` and ``var`` so that every
+    order of derivative is exact, under ``vmap`` too (the native kernel's third derivative is not).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, keepdim=True, correction=0)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(
+            shape
+        )
+
+
+class Conv4(nn.Module):
+    """The four-block convolutional network of the MAML papers.
+
+    Each block: 3x3 convolution with bias (``hidden`` channels), batch norm on batch statistics,
+    ReLU. ``pool="stride"`` (Omniglot: stride 2, padding 1; 28x28 input gives 64 x 2 x 2 = 256
+    features) or ``pool="max"`` (Mini-ImageNet: stride 1, then 2x2 max-pool). Then a linear
+    ``head``.
+
+    >>> Conv4(1, 5)(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 5])
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        n_way: int = 5,
+        hidden: int = 64,
+        pool: Literal["stride", "max"] = "stride",
+        image_size: int = 28,
+    ) -> None:
+        super().__init__()
+        if pool not in ("stride", "max"):
+            raise ValueError(f"pool={pool!r}: use 'stride' (Omniglot) or 'max' (Mini-ImageNet)")
+        layers: list[nn.Module] = []
+        channels, size = in_channels, image_size
+        for _ in range(4):
+            stride = 2 if pool == "stride" else 1
+            layers += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1), BatchNorm(hidden)]
+            layers += [nn.ReLU()] + ([nn.MaxPool2d(2)] if pool == "max" else [])
+            channels, size = hidden, (size + 1) // 2 if pool == "stride" else size // 2
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(hidden * size * size, n_way)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def conv4_mini_imagenet(n_way: int = 5) -> Conv4:
+    """The Mini-ImageNet variant: 32 channels, 2x2 max-pool, 84x84x3 input (800 features)."""
+    return Conv4(3, n_way, hidden=32, pool="max", image_size=84)
+
+
+class MLP(nn.Module):
+    """A ReLU multilayer perceptron; the default 1-40-40-1 is the sinusoid network of MAML."""
+
+    def __init__(self, sizes: tuple[int, ...] = (1, 40, 40, 1)) -> None:
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError(f"sizes={sizes}: give at least input and output sizes, e.g. (1, 1)")
+        body: list[nn.Module] = []
+        for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
+            body += [nn.Linear(a, b), nn.ReLU()]
+        self.body = nn.Sequential(*body)
+        self.head = nn.Linear(sizes[-2], sizes[-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+def params_of(model: nn.Module) -> Params:
+    """The model's parameters as a dict keyed like ``named_parameters()``.
+
+    The values are the live ``nn.Parameter`` objects, ready for a ``torch.optim`` optimiser; the
+    estimators never modify them and never touch ``.grad``.
+    """
+    return dict(model.named_parameters())
+
+
+_Kind = Literal["cross_entropy", "mse"]
+
+
+@dataclass(frozen=True, eq=False)
+class Loss:
+    """``loss(params, batch) -> scalar``: the model applied with ``params``, then a mean loss."""
+
+    model: nn.Module
+    kind: _Kind | Callable[[Tensor, Tensor], Tensor]
+
+    def predict(self, params: Params, x: Tensor) -> Tensor:
+        """The model's output on ``x`` with ``params`` (buffers taken from the skeleton)."""
+        return functional_call(self.model, (params, dict(self.model.named_buffers())), (x,))
+
+    def __call__(self, params: Params, batch: Batch) -> Tensor:
+        out = self.predict(params, batch.x)
+        if self.kind == "cross_entropy":
+            return F.cross_entropy(out, batch.y)
+        if self.kind == "mse":
+            return F.mse_loss(out, batch.y)
+        return self.kind(out, batch.y)  # type: ignore[operator]
+
+    @property
+    def is_classification(self) -> bool:
+        return self.kind == "cross_entropy"
+
+    def accuracy(self, params: Params, batch: Batch) -> Tensor:
+        """The fraction of ``batch`` whose arg-max prediction equals the label."""
+        if not self.is_classification:
+            raise ValueError(f"accuracy needs a classification loss; this loss is {self.kind!r}")
+        return (self.predict(params, batch.x).argmax(-1) == batch.y).to(batch.x.dtype).mean()
+
+
+def loss_fn(model: nn.Module, kind: _Kind | Callable[[Tensor, Tensor], Tensor]) -> Loss:
+    """A loss on ``(params, Batch)`` for ``model``: ``"cross_entropy"``, ``"mse"`` or a callable.
+
+    A callable receives ``(output, target)`` and returns the scalar mean loss.
+    """
+    if not callable(kind) and kind not in ("cross_entropy", "mse"):
+        raise ValueError(
+            f"loss kind {kind!r} is unknown: use 'cross_entropy', 'mse' or a callable (out, y)"
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            raise ValueError(
+                f"module {name!r} keeps running statistics, which meta-learning must not use or "
+                "update: build it with track_running_stats=False, or use metagrad.models.BatchNorm"
+            )
+    return Loss(model, kind)
