@@ -1,0 +1,246 @@
+"""Run configuration: frozen dataclasses, one per concern, and the papers' settings as presets.
+
+A :class:`Config` holds everything a run needs; ``metagrad train`` builds one from a preset and
+flags (one flag per field, generated from these dataclasses), and ``config.json`` in the run folder
+is ``config.to_dict()``. Field names are unique across the sections, so a flat override
+``config.override(ways=20, inner_steps=5)`` is unambiguous.
+
+>>> from metagrad.config import preset
+>>> cfg = preset("omniglot-20w1s-maml").override(steps=2000)
+>>> cfg.algo.inner_steps, cfg.optim.meta_batch, cfg.optim.steps
+(5, 16, 2000)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from metagrad._presets import PRESET_TABLE
+
+ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "leap", "imaml")
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
+    """A field whose metadata carries the flag's help text, choices and (optionally) its name."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    return field(default=default, metadata=meta)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: ``mlp`` (1-40-40-1 ReLU, sinusoid) or ``conv4`` (Omniglot, ways outputs)."""
+
+    arch: str = _f("mlp", "network", ("mlp", "conv4"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The task distribution and the few-shot protocol."""
+
+    benchmark: str = _f("sinusoid", "task family", ("sinusoid", "omniglot", "omniglot-alphabets"))
+    root: str | None = _f(None, "Omniglot folder (default: $METAGRAD_OMNIGLOT)", flag="data")
+    split: str = _f("maml", "Omniglot class split", ("maml", "vinyals", "lake"))
+    split_seed: int = _f(0, "seed of the random 'maml' split (fixed, so runs share test classes)")
+    ways: int = _f(5, "classes per task (Omniglot)")
+    shots: int = _f(10, "support examples per class (per task for sinusoid) while training")
+    queries: int = _f(10, "query examples per class (per task for sinusoid)")
+    eval_shots: int | None = _f(None, "support examples at evaluation (default: shots)")
+    rotations: bool | None = _f(None, "rotated classes (default: the split's published choice)")
+    train_alphabets: int = _f(25, "alphabets to meta-train on (omniglot-alphabets)")
+
+    def __post_init__(self) -> None:
+        for name in ("ways", "shots", "queries", "train_alphabets"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{name} must be a positive integer, got {value}")
+        _check(
+            self.eval_shots is None or self.eval_shots >= 1,
+            f"eval_shots must be a positive integer, got {self.eval_shots}",
+        )
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """The meta-gradient estimator and its inner solver."""
+
+    algorithm: str = _f("maml", "meta-learning algorithm", ALGORITHMS)
+    inner: str = _f("gd", "inner solver: gradient descent or Hessian-free", ("gd", "newton-cg"))
+    inner_lr: float = _f(0.01, "inner gradient-descent step size")
+    inner_steps: int = _f(1, "inner steps while meta-training")
+    eval_inner_steps: int | None = _f(None, "inner steps at test time (default: inner_steps)")
+    newton_cg_steps: int = _f(5, "CG steps per Newton step of the newton-cg inner solver")
+    lam: float = _f(2.0, "iMAML proximal regularisation strength")
+    cg_steps: int = _f(5, "iMAML conjugate-gradient steps for the meta-gradient")
+    head: tuple[str, ...] = _f(
+        ("head.",), "ANIL: prefixes of the parameters adapted in the inner loop"
+    )
+    leap_metric: str = _f("energy", "Leap path metric", ("energy", "length"))
+    loss_term: bool = _f(True, "Leap: include the loss term of the path length")
+    stabilizer: bool = _f(True, "Leap: the stabiliser of the loss term")
+    mode: str = _f("loop", "how tasks are batched in the meta-gradient", ("loop", "vmap"))
+
+    def __post_init__(self) -> None:
+        _check(self.inner_lr > 0, f"inner_lr must be positive, got {self.inner_lr}")
+        for name in ("inner_steps", "newton_cg_steps", "cg_steps"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{name} must be >= 0, got {value}")
+        _check(
+            self.eval_inner_steps is None or self.eval_inner_steps >= 0,
+            f"eval_inner_steps must be >= 0, got {self.eval_inner_steps}",
+        )
+        _check(self.lam > 0, f"lam must be positive, got {self.lam}")
+        _check(len(self.head) > 0, "head needs at least one parameter-name prefix, e.g. 'head.'")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The outer loop: ``torch.optim`` optimiser, learning-rate schedule, meta-batch and length."""
+
+    optimizer: str = _f("adam", "outer optimiser", ("adam", "sgd"))
+    outer_lr: float = _f(1e-3, "outer learning rate (Reptile's meta step size with sgd)")
+    schedule: str = _f(
+        "constant", "outer lr schedule (linear: anneal to 0)", ("constant", "linear")
+    )
+    meta_batch: int = _f(25, "tasks per outer step")
+    steps: int = _f(70_000, "outer steps")
+
+    def __post_init__(self) -> None:
+        _check(self.outer_lr > 0, f"outer_lr must be positive, got {self.outer_lr}")
+        _check(
+            self.meta_batch >= 1, f"meta_batch must be a positive integer, got {self.meta_batch}"
+        )
+        _check(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Seeds, device, logging, evaluation and checkpoint cadence."""
+
+    seed: int = _f(0, "seed of every random choice of the run (init, tasks)")
+    device: str = _f("cpu", "device", ("cpu", "cuda"))
+    deterministic: bool | None = _f(None, "deterministic kernels (default: on for cpu)")
+    log_every: int = _f(100, "log metrics every N steps")
+    eval_every: int = _f(0, "validate every N steps (0: only at the end)")
+    val_tasks: int = _f(100, "validation tasks during training")
+    eval_tasks: int = _f(600, "evaluation tasks at the end and in `metagrad eval`")
+    eval_seed: int = _f(20_170_703, "seed of the fixed evaluation tasks (same for every run)")
+    checkpoint_every: int = _f(1000, "checkpoint every N steps (and at the end)")
+    tensorboard: bool = _f(True, "write TensorBoard event files")
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "checkpoint_every", "val_tasks", "eval_tasks"):
+            value = getattr(self, name)
+            _check(value >= 1, f"{name} must be a positive integer, got {value}")
+        _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+
+    @property
+    def is_deterministic(self) -> bool:
+        """``deterministic`` with its default resolved: on for cpu, off for cuda."""
+        return self.device == "cpu" if self.deterministic is None else self.deterministic
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "algo": AlgoConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs; ``preset`` names where its settings came from."""
+
+    preset: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        sinusoid = self.data.benchmark == "sinusoid"
+        _check(
+            (self.model.arch == "mlp") == sinusoid,
+            f"arch {self.model.arch!r} does not fit benchmark {self.data.benchmark!r}: "
+            "use mlp for sinusoid and conv4 for Omniglot",
+        )
+        _check(sinusoid or self.data.ways >= 2, f"ways must be at least 2, got {self.data.ways}")
+        _check(
+            self.algo.inner == "gd" or self.algo.algorithm == "imaml",
+            f"inner solver {self.algo.inner!r} is for imaml only; use --inner gd",
+        )
+
+    def override(self, **changes: Any) -> Config:
+        """A copy with the named fields (from any section) replaced: ``override(ways=20)``."""
+        sections: dict[str, dict[str, Any]] = {}
+        for name, value in changes.items():
+            section = field_section(name)
+            sections.setdefault(section, {})[name] = value
+        return dataclasses.replace(
+            self,
+            **{s: dataclasses.replace(getattr(self, s), **kw) for s, kw in sections.items()},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data; :meth:`from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """The config that :meth:`to_dict` wrote; unknown keys raise ``ValueError``."""
+        parts: dict[str, Any] = {"preset": data.get("preset", "custom")}
+        for section, kind in SECTIONS.items():
+            values = dict(data.get(section, {}))
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = sorted(set(values) - names)
+            _check(not unknown, f"unknown {section} settings {unknown} in config")
+            if "head" in values:
+                values["head"] = tuple(values["head"])
+            parts[section] = kind(**values)
+        return cls(**parts)
+
+
+def field_section(name: str) -> str:
+    """The section (``data``, ``algo``, ...) that holds the field ``name``."""
+    for section, kind in SECTIONS.items():
+        if name in {f.name for f in dataclasses.fields(kind)}:
+            return section
+    raise ValueError(f"no config field named {name!r}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration and where its numbers come from (paper, section or table)."""
+
+    name: str
+    config: Config
+    source: str
+
+
+def _build_presets() -> dict[str, Preset]:
+    presets = {}
+    for name, (changes, source) in PRESET_TABLE.items():
+        presets[name] = Preset(name, Config(preset=name).override(**changes), source)
+    return presets
+
+
+PRESETS: dict[str, Preset] = _build_presets()
+DEFAULT_PRESET = "quickstart"
+
+
+def preset(name: str) -> Config:
+    """The configuration of a named preset; ``ValueError`` names the closest ones if unknown."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "`metagrad presets` lists them"
+        raise ValueError(f"unknown preset {name!r}: {hint}")
+    return PRESETS[name].config
