@@ -1,0 +1,194 @@
+"""N-way K-shot episodes from a set of image classes, vectorised and driven by one generator."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metagrad._types import Batch, Task
+
+_ROT = re.compile(r"(.+)/rot(000|090|180|270)")
+
+
+def class_name(base: str, quarter_turns: int) -> str:
+    """``"Alphabet/characterNN"`` and 1 -> ``"Alphabet/characterNN/rot090"``."""
+    return f"{base}/rot{90 * quarter_turns:03d}"
+
+
+def parse_class_name(name: str) -> tuple[str, int]:
+    """``"Alphabet/characterNN/rot090"`` -> ``("Alphabet/characterNN", 1)``; no suffix means 0."""
+    match = _ROT.fullmatch(name)
+    if match is None:
+        return name, 0
+    return match[1], int(match[2]) // 90
+
+
+@dataclass(frozen=True, eq=False)
+class ClassSet:
+    """The classes of a split: a character's drawings under one rotation each.
+
+    ``images`` is ``(characters, drawings, H, W)`` uint8 with 255 = stroke, usually the whole data
+    set's storage (shared, not copied); class ``c`` is ``images[index[c]]`` turned counter-clockwise
+    by ``quarter_turns[c] * 90`` degrees, and is called ``names[c]``
+    (``"Alphabet/characterNN/rotDDD"``). ``to_json()`` gives the names, from which
+    ``Omniglot.classes(names)`` rebuilds the same set (this is how a run folder records its split).
+    """
+
+    images: Tensor
+    index: Tensor
+    quarter_turns: Tensor
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"images must be uint8 of shape (characters, drawings, H, W), got "
+                f"{self.images.dtype} {tuple(self.images.shape)}"
+            )
+        n = len(self.names)
+        if self.index.shape != (n,) or self.quarter_turns.shape != (n,):
+            raise ValueError(f"index and quarter_turns must have shape ({n},), one per name")
+        if n == 0:
+            raise ValueError("a ClassSet needs at least one class")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"ClassSet({len(self)} classes, {self.drawings} drawings each)"
+
+    @property
+    def drawings(self) -> int:
+        """Drawings per class (20 for Omniglot)."""
+        return self.images.shape[1]
+
+    def to_json(self) -> list[str]:
+        """The class names, in order: enough to rebuild the set with ``Omniglot.classes``."""
+        return list(self.names)
+
+    def with_rotations(self, quarter_turns: Sequence[int]) -> ClassSet:
+        """Each distinct character once per quarter turn in ``quarter_turns``, say ``(0, 1, 2, 3)``.
+
+        ``with_rotations((0,))`` drops rotated classes; applying the same turns twice is a no-op.
+        """
+        if not quarter_turns or any(k not in (0, 1, 2, 3) for k in quarter_turns):
+            raise ValueError(
+                f"quarter_turns must be a non-empty subset of 0..3, got {quarter_turns}"
+            )
+        bases: dict[str, int] = {}
+        for name, i in zip(self.names, self.index.tolist(), strict=True):
+            bases.setdefault(parse_class_name(name)[0], i)
+        pairs = [(base, i, k) for base, i in bases.items() for k in sorted(set(quarter_turns))]
+        return ClassSet(
+            self.images,
+            torch.tensor([i for _, i, _ in pairs], dtype=torch.int64, device=self.index.device),
+            torch.tensor([k for *_, k in pairs], dtype=torch.int64, device=self.index.device),
+            tuple(class_name(base, k) for base, _, k in pairs),
+        )
+
+    def to(self, device: torch.device | str) -> ClassSet:
+        """The same classes with their images on ``device``."""
+        return ClassSet(
+            self.images.to(device), self.index.to(device), self.quarter_turns.to(device), self.names
+        )
+
+
+class FewShotSampler:
+    """N-way K-shot episodes: ``sample(n_tasks, generator) -> Task``.
+
+    Each task draws ``ways`` classes without replacement; label ``j`` goes to the ``j``-th drawn
+    class, so labels 0..N-1 land on the classes in a random order per task. Each class then gives
+    ``shots + queries`` distinct drawings, the first ``shots`` for support and the rest for query:
+    support and query are disjoint by construction. Examples are grouped by label
+    (``y = [0]*K + [1]*K + ...``). Shapes: ``support.x`` ``(n, ways*shots, 1, H, W)`` float32 in
+    [0, 1] with 1 = stroke, ``support.y`` ``(n, ways*shots)`` int64; the query likewise with
+    ``queries``. Randomness comes only from ``generator`` (two ``torch.rand`` draws per call), so a
+    generator in the same state gives the same tasks.
+
+    ``rotations``: ``None`` keeps the class set as it is (a split already carries its protocol's
+    rotations); ``True`` makes every character four classes (0, 90, 180, 270 degrees), ``False``
+    keeps only the upright ones.
+
+    Example::
+
+        sampler = FewShotSampler(ds.split("maml")["train"], ways=5, shots=1, queries=15)
+        task = sampler.sample(32, torch.Generator().manual_seed(0))
+    """
+
+    def __init__(
+        self,
+        classes: ClassSet,
+        ways: int,
+        shots: int,
+        queries: int,
+        rotations: bool | None = None,
+    ) -> None:
+        if rotations is not None:
+            classes = classes.with_rotations((0, 1, 2, 3) if rotations else (0,))
+        for name, value in (("ways", ways), ("shots", shots), ("queries", queries)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if ways > len(classes):
+            raise ValueError(
+                f"ways={ways} exceeds the {len(classes)} classes of this split; use ways <= "
+                f"{len(classes)}"
+            )
+        if shots + queries > classes.drawings:
+            raise ValueError(
+                f"shots + queries = {shots + queries} exceeds the {classes.drawings} drawings of "
+                f"each class; use shots + queries <= {classes.drawings}"
+            )
+        if classes.images.shape[-1] != classes.images.shape[-2] and bool(
+            classes.quarter_turns.any()
+        ):
+            raise ValueError("rotated classes need square images")
+        self.classes = classes
+        self.ways, self.shots, self.queries = ways, shots, queries
+
+    def __repr__(self) -> str:
+        return (
+            f"FewShotSampler({self.classes!r}, ways={self.ways}, shots={self.shots}, "
+            f"queries={self.queries})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the images live, and so where the tasks are made."""
+        return self.classes.images.device
+
+    def to(self, device: torch.device | str) -> FewShotSampler:
+        """The same sampler with its images on ``device`` (the generator may stay on the CPU)."""
+        return FewShotSampler(self.classes.to(device), self.ways, self.shots, self.queries)
+
+    def sample(self, n_tasks: int, generator: torch.Generator) -> Task:
+        """``n_tasks`` episodes stacked on dim 0, a pure function of ``generator``'s state."""
+        if not isinstance(n_tasks, int) or n_tasks < 1:
+            raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
+        c, n, k, q = self.classes, self.ways, self.shots, self.queries
+        gdev = generator.device
+        # Classes: the top `ways` of uniform keys is a uniformly random ordered draw.
+        picked = torch.rand(n_tasks, len(c), generator=generator, device=gdev).topk(n, dim=1)[1]
+        draws = torch.rand(n_tasks, n, c.drawings, generator=generator, device=gdev)
+        drawings = draws.argsort(dim=2)[..., : k + q].to(self.device)
+        picked = picked.to(self.device)
+        chars, turns = c.index[picked], c.quarter_turns[picked]
+        images = c.images[chars.unsqueeze(-1), drawings]  # (n_tasks, ways, k + q, H, W) uint8
+        for turn in (1, 2, 3):
+            mask = turns == turn
+            if bool(mask.any()):
+                images[mask] = torch.rot90(images[mask], turn, dims=(-2, -1))
+        x = images.unsqueeze(3).to(torch.float32).div_(255.0)
+        h, w = x.shape[-2:]
+        labels = torch.arange(n, device=self.device).view(1, n, 1)
+        y = labels.expand(n_tasks, n, k + q)
+        support = Batch(
+            x[:, :, :k].reshape(n_tasks, n * k, 1, h, w), y[:, :, :k].reshape(n_tasks, n * k)
+        )
+        query = Batch(
+            x[:, :, k:].reshape(n_tasks, n * q, 1, h, w), y[:, :, k:].reshape(n_tasks, n * q)
+        )
+        return Task(support, query)
