@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+import zipfile
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import NamedTuple, NoReturn
@@ -175,8 +176,7 @@ def _locate(root: Path, download: bool) -> dict[str, Source]:
             found[top] = Source(top, root / f"{top}.zip")
         elif download:
             root.mkdir(parents=True, exist_ok=True)
-            _files.download(URLS[top], root / f"{top}.zip", MD5[top])
-            found[top] = Source(top, _files.safe_extract(root / f"{top}.zip", root, top))
+            found[top] = Source(top, _download(root, top))
         else:
             missing.append(top)
     if missing:
@@ -188,6 +188,18 @@ def _locate(root: Path, download: bool) -> dict[str, Source]:
             "); the shared copy's path is in $METAGRAD_OMNIGLOT"
         )
     return found
+
+
+def _download(root: Path, top: str) -> Path:
+    """Fetch and check ``top.zip``, then extract it safely; a zip that fails is moved aside."""
+    path = _files.download(URLS[top], root / f"{top}.zip", MD5[top])
+    try:
+        return _files.safe_extract(path, root, top)
+    except (ValueError, zipfile.BadZipFile) as err:
+        where = _files.move_aside(path)
+        raise CorruptSourceError(
+            f"{path} cannot be extracted safely ({err}): {where} and will not be used", path
+        ) from err
 
 
 def _load(sources: dict[str, Source], root: Path, cache_dir: Path) -> dict[str, np.ndarray]:
