@@ -107,7 +107,9 @@ class FewShotSampler:
     (``y = [0]*K + [1]*K + ...``). Shapes: ``support.x`` ``(n, ways*shots, 1, H, W)`` float32 in
     [0, 1] with 1 = stroke, ``support.y`` ``(n, ways*shots)`` int64; the query likewise with
     ``queries``. Randomness comes only from ``generator`` (two ``torch.rand`` draws per call), so a
-    generator in the same state gives the same tasks.
+    generator in the same state gives the same tasks. The sampler holds its classes' images,
+    rotated, as one uint8 tensor (4400 classes of 20 28x28 drawings: 69 MB), so that a batch of
+    tasks is one gather and one conversion to float.
 
     ``rotations``: ``None`` keeps the class set as it is (a split already carries its protocol's
     rotations); ``True`` makes every character four classes (0, 90, 180, 270 degrees), ``False``
@@ -148,6 +150,7 @@ class FewShotSampler:
             raise ValueError("rotated classes need square images")
         self.classes = classes
         self.ways, self.shots, self.queries = ways, shots, queries
+        self._store = _materialise(classes)
 
     def __repr__(self) -> str:
         return (
@@ -168,27 +171,28 @@ class FewShotSampler:
         """``n_tasks`` episodes stacked on dim 0, a pure function of ``generator``'s state."""
         if not isinstance(n_tasks, int) or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
-        c, n, k, q = self.classes, self.ways, self.shots, self.queries
+        n, k, q, store = self.ways, self.shots, self.queries, self._store
         gdev = generator.device
-        # Classes: the top `ways` of uniform keys is a uniformly random ordered draw.
-        picked = torch.rand(n_tasks, len(c), generator=generator, device=gdev).topk(n, dim=1)[1]
-        draws = torch.rand(n_tasks, n, c.drawings, generator=generator, device=gdev)
-        drawings = draws.argsort(dim=2)[..., : k + q].to(self.device)
-        picked = picked.to(self.device)
-        chars, turns = c.index[picked], c.quarter_turns[picked]
-        images = c.images[chars.unsqueeze(-1), drawings]  # (n_tasks, ways, k + q, H, W) uint8
-        for turn in (1, 2, 3):
-            mask = turns == turn
-            if bool(mask.any()):
-                images[mask] = torch.rot90(images[mask], turn, dims=(-2, -1))
-        x = images.unsqueeze(3).to(torch.float32).div_(255.0)
-        h, w = x.shape[-2:]
-        labels = torch.arange(n, device=self.device).view(1, n, 1)
-        y = labels.expand(n_tasks, n, k + q)
-        support = Batch(
-            x[:, :, :k].reshape(n_tasks, n * k, 1, h, w), y[:, :, :k].reshape(n_tasks, n * k)
-        )
-        query = Batch(
-            x[:, :, k:].reshape(n_tasks, n * q, 1, h, w), y[:, :, k:].reshape(n_tasks, n * q)
-        )
-        return Task(support, query)
+        # The top `ways` of uniform keys is a uniformly random ordered draw without replacement.
+        picked = torch.rand(n_tasks, len(store), generator=generator, device=gdev).topk(n, dim=1)[1]
+        keys = torch.rand(n_tasks, n, store.shape[1], generator=generator, device=gdev)
+        drawings = keys.argsort(dim=2)[..., : k + q].to(self.device)
+        rows = picked.to(self.device).unsqueeze(-1)
+
+        def part(columns: Tensor, m: int) -> Batch:
+            # One gather into a contiguous uint8 block, one division into float32: two passes.
+            x = store[rows, columns].div(255.0).view(n_tasks, n * m, 1, *store.shape[-2:])
+            y = torch.arange(n, device=self.device).repeat_interleave(m).expand(n_tasks, -1)
+            return Batch(x, y.contiguous())
+
+        return Task(part(drawings[..., :k], k), part(drawings[..., k:], q))
+
+
+def _materialise(classes: ClassSet) -> Tensor:
+    """Every class's drawings, rotated, as one ``(classes, drawings, H, W)`` uint8 tensor."""
+    store = classes.images[classes.index]
+    for turn in (1, 2, 3):
+        mask = classes.quarter_turns == turn
+        if bool(mask.any()):
+            store[mask] = torch.rot90(store[mask], turn, dims=(-2, -1))
+    return store
