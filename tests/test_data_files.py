@@ -74,6 +74,18 @@ def test_zip_and_folder_decode_the_same(tmp_path: Path) -> None:
     assert len(list((tmp_path / "c").glob("*.npz"))) == 2  # one per root
 
 
+def test_a_zip_is_read_before_its_folder(tmp_path: Path) -> None:
+    root = make_omniglot(tmp_path / "both")
+    zipped = make_omniglot(tmp_path / "zips", zipped=True)
+    for top in TOPS:
+        os.replace(zipped / f"{top}.zip", root / f"{top}.zip")
+    from PIL import Image
+
+    Image.new("1", (105, 105), 0).save(root / TOPS[0] / "Alpha" / "character01" / "0001_01.png")
+    ds = Omniglot(root, cache_dir=tmp_path / "c")
+    assert int(ds.images[0, 0].min()) == 0  # the zip's drawing, not the blackened file
+
+
 @pytest.mark.parametrize("zipped", [False, True])
 def test_cache_is_rebuilt_when_the_source_changes(tmp_path: Path, zipped: bool) -> None:
     root = make_omniglot(tmp_path / "omniglot")

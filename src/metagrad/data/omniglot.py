@@ -49,10 +49,12 @@ class Omniglot:
     """The 1623 Omniglot characters, as one uint8 tensor ``images`` of shape ``(1623, 20, 28, 28)``.
 
     ``root`` holds ``images_background.zip`` and ``images_evaluation.zip``, or the unzipped folders
-    ``images_background/`` and ``images_evaluation/`` (a folder wins over its zip). A local copy is
-    checked by its structure (alphabets, ``characterKK`` folders, 20 drawings ``NNNN_DD.png`` each),
-    not by md5. With ``download=True`` a missing zip is fetched from :data:`URLS`, its md5 checked
-    against :data:`MD5`, and extracted safely into ``root``.
+    ``images_background/`` and ``images_evaluation/``; where both a zip and its folder are present
+    the zip is read (checking the cache then takes one ``stat``, not one per drawing). A local copy
+    is checked by its structure (alphabets, ``characterKK`` folders, 20 drawings ``NNNN_DD.png``
+    each), not by md5. With ``download=True`` a missing zip is fetched from :data:`URLS`, its md5
+    checked against :data:`MD5`, and extracted safely into ``root`` (entries with absolute paths or
+    ``..`` are refused).
 
     The drawings are decoded once (Pillow; 105x105 1-bit -> ``L`` -> 28x28 ``BOX`` resize, inverted
     so that 255 = stroke) and cached in ``cache_dir`` (default ``$METAGRAD_CACHE``, else
@@ -167,13 +169,13 @@ class Omniglot:
 
 
 def _locate(root: Path, download: bool) -> dict[str, Source]:
-    """The source of each half: the folder ``root/top`` if present, else ``root/top.zip``."""
+    """The source of each half: ``root/top.zip`` if present, else the folder ``root/top``."""
     found, missing = {}, []
     for top in TOPS:
-        if (root / top).is_dir():
-            found[top] = Source(top, root / top)
-        elif (root / f"{top}.zip").is_file():
+        if (root / f"{top}.zip").is_file():
             found[top] = Source(top, root / f"{top}.zip")
+        elif (root / top).is_dir():
+            found[top] = Source(top, root / top)
         elif download:
             root.mkdir(parents=True, exist_ok=True)
             found[top] = Source(top, _download(root, top))
@@ -191,10 +193,11 @@ def _locate(root: Path, download: bool) -> dict[str, Source]:
 
 
 def _download(root: Path, top: str) -> Path:
-    """Fetch and check ``top.zip``, then extract it safely; a zip that fails is moved aside."""
+    """Fetch and check ``top.zip``, extract it safely, return its path; a bad one is moved aside."""
     path = _files.download(URLS[top], root / f"{top}.zip", MD5[top])
     try:
-        return _files.safe_extract(path, root, top)
+        _files.safe_extract(path, root, top)
+        return path
     except (ValueError, zipfile.BadZipFile) as err:
         where = _files.move_aside(path)
         raise CorruptSourceError(
