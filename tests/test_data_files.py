@@ -182,6 +182,18 @@ def test_bad_crc_inside_a_zip_is_caught(tmp_path: Path) -> None:
     assert "moved aside" in str(err.value) and (root / f"{TOPS[1]}.zip.corrupt").exists()
 
 
+def test_bad_drawing_found_by_the_worker_pool(tmp_path: Path) -> None:
+    layout = {TOPS[0]: {"Alpha": 40}, TOPS[1]: {"Gamma": 15}}  # > 50 characters: a pool decodes
+    root = make_omniglot(tmp_path / "omniglot", layout)
+    (root / TOPS[1] / "Gamma" / "character09" / "0049_17.png").write_bytes(b"not a png")
+    for top in TOPS:
+        zip_folder(root / top, root / f"{top}.zip")
+    with pytest.raises(CorruptSourceError, match="0049_17.png") as err:
+        Omniglot(root, cache_dir=tmp_path / "c")
+    assert "moved aside" in str(err.value) and (root / f"{TOPS[1]}.zip.corrupt").exists()
+    assert (root / f"{TOPS[0]}.zip").exists()  # the good half stays
+
+
 def test_undecodable_png_in_a_folder_is_named(tmp_path: Path) -> None:
     root = make_omniglot(tmp_path / "omniglot")
     png = root / TOPS[0] / "Beta" / "character01" / "0004_02.png"

@@ -17,9 +17,10 @@ import urllib.request
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
+from typing import Any, cast
 
 import numpy as np
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 
 def default_cache_dir() -> Path:
@@ -134,7 +135,7 @@ def write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
-            np.savez(out, **arrays)
+            np.savez(out, **cast(dict[str, Any], arrays))
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)

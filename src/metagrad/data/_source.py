@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from metagrad.data._files import check_member
 
@@ -34,6 +34,7 @@ SIZE = 28
 RESAMPLE = "box"
 _CHARACTER = re.compile(r"character(\d+)")
 _DRAWING = re.compile(r"(\d+)_(\d+)\.png")
+_BOX = getattr(Image, "Resampling", Image).BOX  # Pillow < 9.1 has no Image.Resampling
 
 
 class CorruptSourceError(ValueError):
@@ -137,15 +138,19 @@ def parse_layout(source: Source, members: Sequence[str]) -> list[Entry]:
     for (alphabet, name), files in sorted(groups.items(), key=lambda kv: _order(kv[0])):
         parsed = [_DRAWING.fullmatch(f.rsplit("/", 1)[1]) for f in files]
         ids = {int(m.group(1)) for m in parsed if m}
-        drawings = sorted(int(m.group(2)) for m in parsed if m)
+        drawings = sorted(_drawings_of(parsed))
         if None in parsed or len(ids) != 1 or drawings != list(range(1, DRAWINGS + 1)):
             raise ValueError(
                 f"{where}: {alphabet}/{name} must hold {DRAWINGS} drawings NNNN_01.png .. "
                 f"NNNN_{DRAWINGS}.png of one id NNNN, found {len(files)} files; {fix}"
             )
-        ordered = sorted(files, key=lambda f: int(_DRAWING.fullmatch(f.rsplit("/", 1)[1])[2]))
+        ordered = [f for _, f in sorted(zip(_drawings_of(parsed), files, strict=True))]
         entries.append(Entry(alphabet, name, ids.pop(), tuple(ordered)))
     return entries
+
+
+def _drawings_of(parsed: Sequence[re.Match[str] | None]) -> list[int]:
+    return [int(m.group(2)) if m else -1 for m in parsed]
 
 
 def _order(key: tuple[str, str]) -> tuple[str, int]:
@@ -158,7 +163,7 @@ def decode_png(data: bytes, size: int = SIZE) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         gray = image.convert("L")
     if gray.size != (size, size):
-        gray = gray.resize((size, size), Image.Resampling.BOX)
+        gray = gray.resize((size, size), _BOX)
     return 255 - np.asarray(gray, dtype=np.uint8)
 
 
