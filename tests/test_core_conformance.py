@@ -1,0 +1,102 @@
+"""One suite over every registered algorithm: shapes, purity, determinism, loop == vmap."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+import metagrad as mg
+from _core_helpers import rel, small_conv_task, small_mlp_task, theta_of
+
+GD = mg.GradientDescent(lr=0.2, steps=2)
+HF = mg.NewtonCG(steps=2, cg_steps=3)
+
+VARIANTS = {
+    "maml": lambda loss: mg.build("maml", loss, GD),
+    "fomaml": lambda loss: mg.build("fomaml", loss, GD),
+    "anil": lambda loss: mg.build("anil", loss, GD, head=("head.",)),
+    "reptile": lambda loss: mg.build("reptile", loss, GD),
+    "leap-energy": lambda loss: mg.build("leap", loss, GD),
+    "leap-length": lambda loss: mg.build("leap", loss, GD, metric="length"),
+    "imaml-gd": lambda loss: mg.build("imaml", loss, GD, lam=2.0, cg_steps=3),
+    "imaml-hf": lambda loss: mg.build("imaml", loss, HF, lam=2.0, cg_steps=3),
+    "imaml-damped": lambda loss: mg.IMAML(loss, GD, lam=2.0, cg_damping=1.0, lam_damping=10.0),
+    "maml-through-newton-cg": lambda loss: mg.MAML(loss, mg.NewtonCG(steps=1, cg_steps=2)),
+}
+
+PROBLEMS = {"mlp": small_mlp_task, "conv4": small_conv_task}
+HEAVY = {"imaml-hf", "imaml-damped", "maml-through-newton-cg"}  # Hessian-vector products: slow
+
+
+def _cases(*axes):
+    """Parameter grid; the Hessian-vector-product variants on conv nets are marked slow."""
+    for combo in itertools.product(*axes):
+        heavy = combo[0] in HEAVY and combo[1] in ("conv4", False, True)
+        yield pytest.param(*combo, marks=[pytest.mark.slow] if heavy else [])
+
+
+def test_every_registered_algorithm_is_covered():
+    assert set(mg.ALGORITHMS) <= {name.split("-")[0] for name in VARIANTS}
+
+
+@pytest.mark.parametrize("variant,problem", _cases(sorted(VARIANTS), sorted(PROBLEMS)))
+def test_conformance(variant, problem):
+    model, loss, tasks = PROBLEMS[problem]()
+    est = VARIANTS[variant](loss)
+    theta = mg.params_of(model)
+    before_theta = copy.deepcopy({k: v.detach().clone() for k, v in theta.items()})
+    before_tasks = [t.clone() for b in tasks for t in b]
+
+    grad, metrics = est(theta, mg.task_at(tasks, 0))
+    assert list(grad) == list(theta)
+    for k in theta:
+        assert grad[k].shape == theta[k].shape and grad[k].dtype == theta[k].dtype
+        assert torch.isfinite(grad[k]).all()
+        assert not grad[k].requires_grad
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+
+    batch_grad, batch_metrics = mg.meta_gradient(est, theta, tasks, mode="loop")
+    again, _ = mg.meta_gradient(est, theta, tasks, mode="loop")
+    assert all(torch.equal(batch_grad[k], again[k]) for k in theta), "not deterministic"
+    assert batch_metrics["query_loss"].dim() == 0
+
+    # Inputs untouched; no .grad written.
+    assert all(torch.equal(theta[k].detach(), before_theta[k]) for k in theta)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(
+        torch.equal(a, b) for a, b in zip((t for b in tasks for t in b), before_tasks, strict=True)
+    )
+
+    # The mean over tasks equals the mean of the single-task calls.
+    singles = [est(theta, mg.task_at(tasks, i))[0] for i in range(tasks.support.x.shape[0])]
+    assert rel(batch_grad, mg.tree.mean(singles)) < 1e-12
+
+    phi = est.adapt(theta, mg.task_at(tasks, 0).support)
+    assert list(phi) == list(theta) and not any(v.requires_grad for v in phi.values())
+
+
+@pytest.mark.parametrize("variant,native_batch_norm", _cases(sorted(VARIANTS), [False, True]))
+def test_loop_and_vmap_agree_in_float64_with_batch_norm(variant, native_batch_norm):
+    if variant == "maml-through-newton-cg" and native_batch_norm:
+        pytest.skip("the native batch-norm kernel's third derivative is wrong (see README)")
+    model, loss, tasks = small_conv_task(n_tasks=3, native=native_batch_norm)
+    est = VARIANTS[variant](loss)
+    theta = theta_of(model)
+    loop, mloop = mg.meta_gradient(est, theta, tasks, mode="loop")
+    vmap, mvmap = mg.meta_gradient(est, theta, tasks, mode="vmap")
+    assert rel(vmap, loop) < 1e-10
+    for k in mloop:
+        assert torch.allclose(mloop[k], mvmap[k], rtol=1e-10, atol=1e-12)
+    chunked, _ = mg.meta_gradient(est, theta, tasks, mode="vmap", chunk=2)
+    assert rel(chunked, loop) < 1e-10
+
+
+def test_metrics_report_accuracy_for_classification_and_cg_residual_for_imaml():
+    model, loss, tasks = small_conv_task()
+    _, metrics = mg.meta_gradient(VARIANTS["imaml-gd"](loss), theta_of(model), tasks)
+    assert {"query_loss", "query_accuracy", "cg_residual", "inner_losses"} <= set(metrics)
+    assert 0 <= float(metrics["query_accuracy"]) <= 1
+    assert metrics["inner_losses"].shape == (GD.steps,)
