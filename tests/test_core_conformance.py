@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 import torch
+from _core_helpers import rel, small_conv_task, small_mlp_task, theta_of
 
 import metagrad as mg
-from _core_helpers import rel, small_conv_task, small_mlp_task, theta_of
 
 GD = mg.GradientDescent(lr=0.2, steps=2)
 HF = mg.NewtonCG(steps=2, cg_steps=3)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _core_helpers import linear_regression, small_mlp_task, theta_of
 from torch import nn
 
 import metagrad as mg
-from _core_helpers import linear_regression, small_mlp_task, theta_of
 
 
 def test_lam_must_be_positive():

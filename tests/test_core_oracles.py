@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call
-
-import metagrad as mg
 from _core_helpers import (
     DT,
     linear_regression,
@@ -18,6 +15,9 @@ from _core_helpers import (
     small_mlp_task,
     theta_of,
 )
+from torch.func import functional_call
+
+import metagrad as mg
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
