@@ -126,6 +126,7 @@ class RunConfig:
     seed: int = _f(0, "seed of every random choice of the run (init, tasks)")
     device: str = _f("cpu", "device", ("cpu", "cuda"))
     deterministic: bool | None = _f(None, "deterministic kernels (default: on for cpu)")
+    threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     log_every: int = _f(100, "log metrics every N steps")
     eval_every: int = _f(0, "validate every N steps (0: only at the end)")
     val_tasks: int = _f(100, "validation tasks during training")
@@ -139,6 +140,7 @@ class RunConfig:
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be a positive integer, got {value}")
         _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        _check(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
 
     @property
     def is_deterministic(self) -> bool:

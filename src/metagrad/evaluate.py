@@ -1,0 +1,247 @@
+"""Evaluation on fixed, seeded tasks: mean and 95% confidence interval, and the plots.
+
+``evaluate`` adapts the meta-parameters on each task's support set with the test-time steps and
+scores the query set: the loss before and after adaptation (MSE for regression) and, for
+classification, the accuracy. The tasks come from a generator seeded with ``eval_seed``, the
+split and the chunk index only, so every run and every call sees the same tasks::
+
+    metagrad eval runs/x --tasks 600 --split test
+    metagrad eval runs/x --lake-runs PATH            # error rate on Lake's 20 one-shot runs
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metagrad._types import Batch, Params, Task
+from metagrad.algorithms import task_at
+
+CHUNK = 50  # tasks sampled per generator seed; fixed, so that the task sets never change
+SPLITS = {"train": 0, "val": 1, "test": 2}
+Z95 = 1.959964  # two-sided 95% quantile of the standard normal
+
+
+def eval_seed(seed: int, split: str, chunk: int) -> int:
+    """The seed of evaluation chunk ``chunk`` of ``split``."""
+    return int(np.random.SeedSequence([seed, SPLITS[split], chunk]).generate_state(1, np.uint64)[0])
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% normal confidence interval (0 for a single value)."""
+    a = np.asarray(values, dtype=np.float64)
+    half = Z95 * a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else 0.0
+    return float(a.mean()), float(half)
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`: means and 95% half-widths over ``tasks`` tasks."""
+
+    split: str
+    tasks: int
+    steps: int
+    loss_before: float
+    loss_before_ci: float
+    loss: float
+    loss_ci: float
+    accuracy: float | None = None
+    accuracy_ci: float | None = None
+
+    def scalars(self) -> dict[str, float]:
+        """The numbers, for ``metrics.jsonl`` and TensorBoard."""
+        keys = ("loss_before", "loss", "accuracy", "accuracy_ci")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: accuracy (classification) or the MSE before and after adaptation."""
+        if self.split == "lake" and self.accuracy is not None:
+            text = f"error rate {100 * (1 - self.accuracy):.2f}% over {self.tasks} runs"
+            return f"{text} (Lake's one-shot runs, {self.steps} steps)"
+        if self.accuracy is not None:
+            text = f"accuracy {100 * self.accuracy:.2f} +- {100 * self.accuracy_ci:.2f}%"  # type: ignore[operator]
+        else:
+            text = (
+                f"MSE {self.loss_before:.3f} +- {self.loss_before_ci:.3f} before adaptation, "
+                f"{self.loss:.3f} +- {self.loss_ci:.3f} after"
+            )
+        return f"{text} ({self.tasks} {self.split} tasks, {self.steps} steps)"
+
+
+def _steps(estimator: Any) -> int:
+    return int(getattr(estimator.inner, "steps", 0))
+
+
+def join_tasks(batches: list[Task], device: torch.device | str = "cpu") -> Task:
+    """Batches of tasks concatenated on dim 0 (``torch.stack`` them first if unbatched)."""
+
+    def cat(part: str, field: str) -> torch.Tensor:
+        return torch.cat([getattr(getattr(t, part), field) for t in batches]).to(device)
+
+    return Task(*(Batch(cat(p, "x"), cat(p, "y")) for p in ("support", "query")))
+
+
+def _scores(estimator: Any, theta: Params, task: Task) -> torch.Tensor:
+    """``[loss before, loss after, accuracy]`` of one task (accuracy 0 for regression)."""
+    loss = estimator.loss
+    phi = estimator.adapt(theta, task.support)
+    with torch.no_grad():
+        before, after = loss(theta, task.query), loss(phi, task.query)
+        acc = loss.accuracy(phi, task.query) if loss.is_classification else torch.zeros_like(after)
+    return torch.stack([before, after, acc])
+
+
+def evaluate_tasks(
+    estimator: Any, theta: Params, tasks: Task, split: str, mode: str = "loop"
+) -> Evaluation:
+    """Adapt on each task's support set, score its query set; mean and 95% CI over the tasks.
+
+    ``tasks`` are stacked on dim 0; ``mode="vmap"`` vectorises over them, ``"loop"`` does not.
+    """
+    theta = {k: v.detach() for k, v in theta.items()}
+    if mode == "vmap":
+        scores = torch.func.vmap(lambda t: _scores(estimator, theta, t))(tasks)
+    else:
+        n = tasks.support.x.shape[0]
+        scores = torch.stack([_scores(estimator, theta, task_at(tasks, i)) for i in range(n)])
+    before, after, acc = scores.double().T.tolist()
+    ev = Evaluation(split, len(before), _steps(estimator), *mean_ci(before), *mean_ci(after))
+    if estimator.loss.is_classification:
+        ev.accuracy, ev.accuracy_ci = mean_ci(acc)
+    return ev
+
+
+def evaluate(
+    estimator: Any,
+    theta: Params,
+    source: Any,
+    split: str = "test",
+    tasks: int = 600,
+    seed: int = 0,
+    mode: str = "loop",
+) -> Evaluation:
+    """Evaluate on ``tasks`` fixed tasks of ``split`` drawn by ``source.sample(split, n, gen)``.
+
+    ``estimator`` adapts with the test-time steps (``build_estimator(..., evaluation=True)``).
+    A source with fixed tasks (``source.fixed(split)``, e.g. Leap's alphabets) gives those.
+    """
+    device = next(iter(theta.values())).device
+    fixed = source.fixed(split) if hasattr(source, "fixed") else None
+    if fixed is not None:
+        batches = [fixed]
+    else:
+        batches = []
+        for chunk in range(math.ceil(tasks / CHUNK)):
+            g = torch.Generator().manual_seed(eval_seed(seed, split, chunk))
+            batch = source.sample(split, CHUNK, g)
+            keep = min(CHUNK, tasks - chunk * CHUNK)
+            batches.append(Task(*(Batch(*(t[:keep] for t in b)) for b in batch)))
+    return evaluate_tasks(estimator, theta, join_tasks(batches, device), split, mode)
+
+
+def evaluate_run(
+    path: str | Path,
+    *,
+    tasks: int | None = None,
+    split: str = "test",
+    lake_runs: str | Path | None = None,
+    data: str | None = None,
+    device: str | None = None,
+    steps: int | None = None,
+) -> tuple[Evaluation, Path]:
+    """Evaluate the run in ``path`` (its latest checkpoint) and write the result there as JSON.
+
+    ``lake_runs``: the error rate on Lake's one-shot runs (a 20-way Omniglot run) instead.
+    ``data``, ``device``, ``steps`` override the run's data folder, device and test-time steps.
+    """
+    from metagrad._build import TaskSource
+    from metagrad.run import RunDir, load_run
+
+    run = load_run(path, device or "cpu")
+    changes = {"root": data, "device": device, "eval_inner_steps": steps}
+    run = run.with_config(**{k: v for k, v in changes.items() if v is not None})
+    mode = run.config.algo.mode
+    if lake_runs is not None:
+        from metagrad.data import LakeRuns
+
+        if run.config.data.benchmark == "sinusoid" or run.config.data.ways != 20:
+            raise ValueError(
+                f"Lake's runs are 20-way Omniglot problems; this run is "
+                f"{run.config.data.benchmark} with ways={run.config.data.ways}"
+            )
+        task = LakeRuns(lake_runs).task()
+        task = join_tasks([task], next(iter(run.params.values())).device)
+        ev = evaluate_tasks(run.estimator, run.params, task, "lake", mode)
+        name = "eval_lake.json"
+    else:
+        n = tasks or run.config.run.eval_tasks
+        source = TaskSource(run.config)
+        ev = evaluate(run.estimator, run.params, source, split, n, run.config.run.eval_seed, mode)
+        name = f"eval_{split}.json"
+    out = RunDir(run.path).write_json(name, {"step": run.step, **ev.to_dict()})
+    return ev, out
+
+
+def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> None:
+    """Training curves from ``metrics.jsonl`` lines: losses, accuracies and validation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [
+        ("loss", ["query_loss", "support_loss", "val_loss_before", "val_loss"]),
+        ("accuracy", ["query_accuracy", "val_accuracy"]),
+    ]
+    panels = [(t, [k for k in ks if any(k in m for m in metrics)]) for t, ks in panels]
+    panels = [(t, ks) for t, ks in panels if ks]
+    fig = Figure(figsize=(5 * max(len(panels), 1), 3.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (title, keys) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for k in keys:
+            pts = [(m["step"], m[k]) for m in metrics if k in m]
+            ax.plot(*zip(*pts, strict=True), label=k, marker="." if len(pts) < 30 else None)
+        ax.set(xlabel="outer step", title=title, yscale="log" if title == "loss" else "linear")
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+
+
+def plot_sinusoid(
+    estimator: Any, theta: Params, path: str | Path, seed: int, shots: int = 10, n: int = 4
+) -> Path:
+    """Adapted curves on ``n`` held-out sinusoid tasks: truth, support, before and after."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from metagrad.data import Sinusoid
+
+    g = torch.Generator().manual_seed(eval_seed(seed, "test", 10**6))
+    sampler = Sinusoid(shots=shots, queries=200)
+    tasks = sampler.sample(n, g)
+    fig = Figure(figsize=(4 * n, 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    device = next(iter(theta.values())).device
+    for i in range(n):
+        task = task_at(Task(*(Batch(*(t.to(device) for t in b)) for b in tasks)), i)
+        order = task.query.x[:, 0].argsort()
+        x = task.query.x[order]
+        phi = estimator.adapt(theta, task.support)
+        with torch.no_grad():
+            pre = estimator.loss.predict(theta, x)
+            post = estimator.loss.predict(phi, x)
+        ax = fig.add_subplot(1, n, i + 1)
+        ax.plot(x[:, 0].cpu(), task.query.y[order][:, 0].cpu(), "k-", label="truth")
+        ax.plot(x[:, 0].cpu(), pre[:, 0].cpu(), "C0--", label="before adaptation")
+        ax.plot(x[:, 0].cpu(), post[:, 0].cpu(), "C1-", label=f"after {_steps(estimator)} steps")
+        ax.plot(task.support.x[:, 0].cpu(), task.support.y[:, 0].cpu(), "k^", label="support")
+        if i == 0:
+            ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+    return Path(path)

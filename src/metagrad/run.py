@@ -1,0 +1,263 @@
+"""What a run is: its folder, ``load_run``, and how a running one reports and stops.
+
+A run folder holds ``config.json`` (the config, the data split and the command), ``metrics.jsonl``
+(one JSON line per logged step or evaluation), TensorBoard event files under ``tensorboard/``,
+``checkpoint.pt`` (see :mod:`metagrad.checkpoint`), ``curves.png`` and the evaluation results.
+
+>>> import metagrad as mg
+>>> run = mg.load_run("runs/quickstart-20260101-120000")     # doctest: +SKIP
+>>> run.step, run.config.algo.algorithm, sorted(run.params)[:1]   # doctest: +SKIP
+(4000, 'maml', ['body.0.bias'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from metagrad._build import build_estimator, build_model
+from metagrad._types import Params
+from metagrad.checkpoint import CHECKPOINT, load_checkpoint
+from metagrad.config import Config
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+
+class RunDir:
+    """The run folder. With ``is_main=False`` (a non-zero distributed rank) nothing is written."""
+
+    def __init__(self, path: str | Path, *, is_main: bool = True) -> None:
+        self.path = Path(path)
+        self.is_main = is_main
+        self._tb: Any = None
+        self._lock: Any = None
+
+    @classmethod
+    def create(
+        cls, path: str | Path, config: Config, split: dict | None, *, is_main: bool = True
+    ) -> RunDir:
+        """A new run folder; ``ValueError`` if ``path`` holds a run or other files."""
+        run = cls(path, is_main=is_main)
+        if (run.path / CONFIG).exists():
+            raise ValueError(
+                f"{run.path} already holds a run: continue it with `metagrad train --resume "
+                f"{run.path}` or choose another --out"
+            )
+        if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
+            raise ValueError(f"{run.path} exists and is not an empty folder: choose another --out")
+        if is_main:
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.lock()
+            record = {
+                "config": config.to_dict(),
+                "data_split": split,
+                "command": sys.argv,
+                "torch": torch.__version__,
+            }
+            text = json.dumps(record, indent=2)
+            tmp = run.path / f".{CONFIG}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, run.path / CONFIG)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path, *, is_main: bool = True) -> tuple[RunDir, Config]:
+        """An existing run folder and its config; ``ValueError`` if it holds no run."""
+        run = cls(path, is_main=is_main)
+        if not (run.path / CONFIG).is_file():
+            raise ValueError(
+                f"{run.path} holds no metagrad run (no {CONFIG}): start one with "
+                f"`metagrad train --out {run.path}`"
+            )
+        if is_main:
+            run.lock()
+        return run, run.config()
+
+    def update_config(self, config: Config) -> None:
+        """Rewrite the config in ``config.json`` (resuming with a longer run, say)."""
+        if self.is_main:
+            record = json.loads((self.path / CONFIG).read_text())
+            record["config"] = config.to_dict()
+            self.write_json(CONFIG, record)
+
+    def config(self) -> Config:
+        """The run's config, read from ``config.json``."""
+        try:
+            record = json.loads((self.path / CONFIG).read_text())
+            return Config.from_dict(record["config"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.path / CONFIG} is not a metagrad run config ({e})") from e
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the folder (released at exit, SIGKILL included)."""
+        self._lock = open(self.path / ".lock", "w")  # noqa: SIM115 (held for the run's life)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another process is training the run in {self.path}") from None
+
+    def start_logs(self, step: int, tensorboard: bool) -> None:
+        """Drop log lines past ``step`` (they are redone on resume) and open TensorBoard."""
+        if not self.is_main:
+            return
+        path = self.path / METRICS
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+            tmp = self.path / f".{METRICS}.tmp"
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, path)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+            self._tb = SummaryWriter(str(self.path / "tensorboard"), purge_step=step)
+
+    def log(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        """Append one line to ``metrics.jsonl`` and write the scalars to TensorBoard."""
+        if not self.is_main:
+            return
+        record = {"step": step, **{prefix + k: v for k, v in values.items()}}
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"{prefix.rstrip('_') or 'train'}/{k}", v, step)
+
+    def write_json(self, name: str, data: dict[str, Any]) -> Path:
+        """Write ``data`` to ``name`` in the folder, atomically; returns the path."""
+        path = self.path / name
+        if self.is_main:
+            tmp = self.path / f".{name}.tmp"
+            tmp.write_text(json.dumps(data, indent=2))
+            os.replace(tmp, path)
+        return path
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The lines of ``metrics.jsonl``."""
+        path = self.path / METRICS
+        return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+    def plot(self) -> Path:
+        """Draw the training curves into ``curves.png``; returns its path."""
+        from metagrad.evaluate import plot_curves
+
+        path = self.path / "curves.png"
+        if self.is_main:
+            plot_curves(self.metrics(), path)
+        return path
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished or running run, loaded from its folder: ``params``, ``config``, ``step``.
+
+    ``model`` is the network with ``params`` loaded; ``estimator`` adapts with the test-time steps.
+    """
+
+    path: Path
+    config: Config
+    step: int
+    params: Params
+    model: nn.Module
+    estimator: Any
+
+    def with_config(self, **changes: Any) -> Run:
+        """The same parameters with config fields replaced (for evaluation: data path, steps)."""
+        config = self.config.override(**changes)
+        return dataclasses.replace(
+            self, config=config, estimator=build_estimator(config, self.model, evaluation=True)
+        )
+
+
+def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
+    """The latest checkpoint of the run in ``path`` (``ValueError`` if it holds no run)."""
+    run, config = RunDir.open(path, is_main=False)
+    if not (run.path / CHECKPOINT).is_file():
+        raise ValueError(f"{run.path} holds no checkpoint yet: train it first")
+    state = load_checkpoint(run.path, map_location)
+    model = build_model(config).to(map_location)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(state["params"][name])
+    params = dict(model.named_parameters())
+    estimator = build_estimator(config, model, evaluation=True)
+    return Run(run.path, config, int(state["step"]), params, model, estimator)
+
+
+class StopOnSigint:
+    """While active, Ctrl-C asks the loop to stop at the end of the step (a second one aborts)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one aborts at once
+
+    def __enter__(self) -> StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
+class Progress:
+    """A tqdm bar (steps/s, loss, accuracy, ETA) on a terminal, else one log line per log step."""
+
+    def __init__(self, total: int, initial: int, enabled: bool | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = (
+            tqdm(total=total, initial=initial, unit="step", file=sys.stderr) if enabled else None
+        )
+        self.total, self.initial, self.start = total, initial, time.perf_counter()
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        shown = {k: values[k] for k in ("query_loss", "query_accuracy") if k in values}
+        if self.bar is not None:
+            self.bar.set_postfix({k.split("_")[1][:4]: f"{v:.4g}" for k, v in shown.items()})
+            return
+        rate = (step - self.initial) / max(time.perf_counter() - self.start, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        text = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
+        self.write(f"step {step}/{self.total}  {text}  {rate:.1f} steps/s  ETA {eta:.0f}s")
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
