@@ -258,7 +258,7 @@ def _loop(
                 finite = torch.stack([g.isfinite().all() for g in grads.values()]).all()
                 if not bool(finite & scalars["query_loss"].isfinite()):  # one sync per step
                     loss = scalars["query_loss"].item()
-                    raise _diverged(run, step, seed_t, f"meta-loss {loss}, or its gradient")
+                    raise _diverged(run, step, seed_t, f"query loss {loss} or its gradient")
                 for k, p in theta.items():
                     p.grad = grads[k]
                 optimizer.step()
@@ -316,6 +316,6 @@ def _diverged(run: RunDir, step: int, seed: int, what: str) -> TrainingError:
         else "no checkpoint had been written yet"
     )
     return TrainingError(
-        f"non-finite {what} at step {step} (tasks drawn with torch.Generator().manual_seed({seed}))"
-        f"; {kept}. Lower the learning rates or inspect those tasks"
+        f"non-finite meta-loss at step {step}, tasks drawn with "
+        f"torch.Generator().manual_seed({seed}) ({what.split(':')[0]}); {kept}"
     )
