@@ -196,6 +196,7 @@ def _run_presets(args: argparse.Namespace) -> int:
 register("train", "meta-train (default: MAML on sinusoid)", _train_arguments, _run_train)
 register("eval", "evaluate a run on fixed held-out tasks", _eval_arguments, _run_eval)
 register("presets", "list the presets and their sources", _presets_arguments, _run_presets)
+import metagrad.experiments._cli  # noqa: E402, F401 (registers `metagrad experiment`)
 
 
 def parser() -> argparse.ArgumentParser:

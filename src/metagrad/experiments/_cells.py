@@ -1,0 +1,160 @@
+"""Cells: the resumable pieces an experiment's table is assembled from.
+
+A cell is either an ordinary training run (a run folder made by :func:`metagrad.train.train`) or
+a measurement saved as one JSON file. :func:`run_cell` trains, resumes or reuses a run, so that
+calling an experiment again with the same ``--out`` completes whatever had not finished, and a
+:class:`Deadline` (``--budget-minutes``) stops new cells from starting; the table marks the cells
+that have no result with :data:`~metagrad.experiments.MISSING`.
+
+>>> from metagrad.config import preset
+>>> config = preset("sinusoid-maml").override(steps=200)
+>>> run_cell(config, "runs/exp/maml")           # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metagrad.config import Config
+from metagrad.experiments._report import Options
+from metagrad.run import CONFIG, RunDir
+
+__all__ = [
+    "Deadline",
+    "finished",
+    "load_json",
+    "machine",
+    "reject",
+    "run_cell",
+    "save_figure",
+    "save_json",
+]
+
+
+class Deadline:
+    """A wall-clock allowance in minutes (None: none). ``expired`` once it has run out."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.minutes = minutes
+        self.start = time.monotonic()
+
+    @property
+    def expired(self) -> bool:
+        return self.minutes is not None and time.monotonic() - self.start > 60 * self.minutes
+
+    def elapsed(self) -> float:
+        """Seconds since the deadline was set."""
+        return time.monotonic() - self.start
+
+
+def reject(options: Options, experiment: str, *names: str) -> None:
+    """Raise ``ValueError`` if an option in ``names`` is set: it does not apply here."""
+    for name in names:
+        if getattr(options, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} does not apply to the {experiment} experiment: drop it")
+
+
+def _changed(a: Config, b: Config) -> dict[str, Any]:
+    """The fields (flat names) whose values differ between ``a`` and ``b``, with ``b``'s values."""
+    out = {}
+    for section in ("model", "data", "algo", "optim", "run"):
+        x, y = dataclasses.asdict(getattr(a, section)), dataclasses.asdict(getattr(b, section))
+        out.update({k: y[k] for k in x if x[k] != y[k]})
+    return out
+
+
+def finished(path: str | Path, steps: int | None = None) -> bool:
+    """Whether the run in ``path`` reached ``steps`` (default: its config's) and was evaluated."""
+    run = RunDir(path)
+    if not (run.path / CONFIG).is_file():
+        return False
+    steps = run.config().optim.steps if steps is None else steps
+    return any(m["step"] == steps and "test_loss" in m for m in run.metrics())
+
+
+def run_cell(config: Config, path: str | Path, deadline: Deadline | None = None) -> bool:
+    """Train ``config`` in ``path``, resume it there, or reuse it; True once it has finished.
+
+    A folder that holds a run of other settings raises ``ValueError``, unless only settings that
+    may change on resume differ (a longer ``steps`` continues the run). Nothing new starts once
+    ``deadline`` has expired. A Ctrl-C stops the cell at a checkpoint and raises
+    ``KeyboardInterrupt``: the next call resumes it.
+    """
+    from metagrad.train import RESUMABLE, resume, train
+
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        changes = _changed(RunDir(path).config(), config)
+        fixed = sorted(set(changes) - set(RESUMABLE))
+        if fixed:
+            raise ValueError(
+                f"{path} holds a run with other settings ({', '.join(fixed)}): remove it, or "
+                "choose another --out"
+            )
+        if not changes and finished(path):
+            return True
+        if deadline is not None and deadline.expired:
+            return False
+        result = resume(path, progress=False, **changes)
+    else:
+        if deadline is not None and deadline.expired:
+            return False
+        result = train(config, path, progress=False)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return finished(path)
+
+
+def save_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write a measurement cell atomically (temp file, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def load_json(path: str | Path) -> dict[str, Any] | None:
+    """A measurement cell, or None if it has not been written."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """The machine an experiment ran on: CPU model and cores (or GPU), torch, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 90) -> Path:
+    """Save a Matplotlib figure as a small PNG; returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
