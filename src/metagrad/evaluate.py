@@ -162,12 +162,21 @@ def evaluate_run(
     ``lake_runs``: the error rate on Lake's one-shot runs (a 20-way Omniglot run) instead.
     ``data``, ``device``, ``steps`` override the run's data folder, device and test-time steps.
     """
-    from metagrad._build import TaskSource
-    from metagrad.run import RunDir, load_run
+    from metagrad.run import RunDir, load_run, torch_settings
 
     run = load_run(path, device or "cpu")
     changes = {"root": data, "device": device, "eval_inner_steps": steps}
     run = run.with_config(**{k: v for k, v in changes.items() if v is not None})
+    with torch_settings(run.config):
+        ev, name = _evaluate_run(run, tasks, split, lake_runs)
+    return ev, RunDir(run.path).write_json(name, {"step": run.step, **ev.to_dict()})
+
+
+def _evaluate_run(
+    run: Any, tasks: int | None, split: str, lake_runs: str | Path | None
+) -> tuple[Evaluation, str]:
+    from metagrad._build import TaskSource
+
     mode = run.config.algo.mode
     if lake_runs is not None:
         from metagrad.data import LakeRuns
@@ -186,8 +195,7 @@ def evaluate_run(
         source = TaskSource(run.config)
         ev = evaluate(run.estimator, run.params, source, split, n, run.config.run.eval_seed, mode)
         name = f"eval_{split}.json"
-    out = RunDir(run.path).write_json(name, {"step": run.step, **ev.to_dict()})
-    return ev, out
+    return ev, name
 
 
 def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> None:

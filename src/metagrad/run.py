@@ -12,6 +12,7 @@ A run folder holds ``config.json`` (the config, the data split and the command),
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,28 @@ from metagrad.config import Config
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+
+
+@contextlib.contextmanager
+def torch_settings(config: Config) -> Iterator[None]:
+    """Deterministic kernels (default on CPU) and the thread count while training, then restored."""
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_num_threads(),
+        torch.backends.cudnn.benchmark,
+    )
+    on = config.run.is_deterministic
+    torch.use_deterministic_algorithms(on, warn_only=config.run.device != "cpu")
+    torch.backends.cudnn.benchmark = not on
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.set_num_threads(saved[2])
+        torch.backends.cudnn.benchmark = saved[3]
 
 
 class RunDir:

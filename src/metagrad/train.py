@@ -19,10 +19,9 @@ parameters, bit for bit, as one that was never stopped.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from metagrad._types import Metrics, Params, Task
 from metagrad.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, set_rng_state
 from metagrad.config import Config
 from metagrad.evaluate import Evaluation, evaluate, plot_sinusoid
-from metagrad.run import Progress, RunDir, StopOnSigint
+from metagrad.run import Progress, RunDir, StopOnSigint, torch_settings
 
 __all__ = [
     "RESUMABLE",
@@ -90,28 +89,6 @@ def _optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.optim.
 def _lr(config: Config, step: int) -> float:
     o = config.optim
     return o.outer_lr * (1 - step / o.steps if o.schedule == "linear" else 1.0)
-
-
-@contextlib.contextmanager
-def torch_settings(config: Config) -> Iterator[None]:
-    """Deterministic kernels (default on CPU) and the thread count while training, then restored."""
-    saved = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.get_num_threads(),
-        torch.backends.cudnn.benchmark,
-    )
-    on = config.run.is_deterministic
-    torch.use_deterministic_algorithms(on, warn_only=config.run.device != "cpu")
-    torch.backends.cudnn.benchmark = not on
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.set_num_threads(saved[2])
-        torch.backends.cudnn.benchmark = saved[3]
 
 
 def _scalars(metrics: Metrics) -> dict[str, torch.Tensor]:
