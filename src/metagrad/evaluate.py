@@ -203,6 +203,14 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    labels = {
+        "query_loss": "query loss after adaptation",
+        "support_loss": "support loss before adaptation",
+        "val_loss_before": "validation, before adaptation",
+        "val_loss": "validation, after adaptation",
+        "query_accuracy": "query accuracy after adaptation",
+        "val_accuracy": "validation accuracy",
+    }
     panels = [
         ("loss", ["query_loss", "support_loss", "val_loss_before", "val_loss"]),
         ("accuracy", ["query_accuracy", "val_accuracy"]),
@@ -215,7 +223,8 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> None:
         ax = fig.add_subplot(1, len(panels), i + 1)
         for k in keys:
             pts = [(m["step"], m[k]) for m in metrics if k in m]
-            ax.plot(*zip(*pts, strict=True), label=k, marker="." if len(pts) < 30 else None)
+            marker = "." if len(pts) < 30 else None
+            ax.plot(*zip(*pts, strict=True), label=labels[k], marker=marker)
         ax.set(xlabel="outer step", title=title, yscale="log" if title == "loss" else "linear")
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=100)
@@ -231,24 +240,23 @@ def plot_sinusoid(
     from metagrad.data import Sinusoid
 
     g = torch.Generator().manual_seed(eval_seed(seed, "test", 10**6))
-    sampler = Sinusoid(shots=shots, queries=200)
-    tasks = sampler.sample(n, g)
+    tasks, truth = Sinusoid(shots=shots, queries=1).sample_with_params(n, g)
+    device = next(iter(theta.values())).device
+    grid = torch.linspace(-5, 5, 200)
+    curves = truth.curve(grid)
     fig = Figure(figsize=(4 * n, 3.2), layout="constrained")
     FigureCanvasAgg(fig)
-    device = next(iter(theta.values())).device
     for i in range(n):
-        task = task_at(Task(*(Batch(*(t.to(device) for t in b)) for b in tasks)), i)
-        order = task.query.x[:, 0].argsort()
-        x = task.query.x[order]
-        phi = estimator.adapt(theta, task.support)
+        support = Batch(*(t[i].to(device) for t in tasks.support))
+        phi = estimator.adapt(theta, support)
+        x = grid.view(-1, 1).to(device)
         with torch.no_grad():
-            pre = estimator.loss.predict(theta, x)
-            post = estimator.loss.predict(phi, x)
+            pre, post = estimator.loss.predict(theta, x), estimator.loss.predict(phi, x)
         ax = fig.add_subplot(1, n, i + 1)
-        ax.plot(x[:, 0].cpu(), task.query.y[order][:, 0].cpu(), "k-", label="truth")
-        ax.plot(x[:, 0].cpu(), pre[:, 0].cpu(), "C0--", label="before adaptation")
-        ax.plot(x[:, 0].cpu(), post[:, 0].cpu(), "C1-", label=f"after {_steps(estimator)} steps")
-        ax.plot(task.support.x[:, 0].cpu(), task.support.y[:, 0].cpu(), "k^", label="support")
+        ax.plot(grid, curves[i, :, 0], "k-", label="truth")
+        ax.plot(grid, pre[:, 0].cpu(), "C0--", label="before adaptation")
+        ax.plot(grid, post[:, 0].cpu(), "C1-", label=f"after {_steps(estimator)} steps")
+        ax.plot(support.x[:, 0].cpu(), support.y[:, 0].cpu(), "k^", label=f"{shots} support")
         if i == 0:
             ax.legend(fontsize="small")
     fig.savefig(path, dpi=100)
