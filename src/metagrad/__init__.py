@@ -23,8 +23,12 @@ from metagrad.algorithms import (
     meta_gradient,
     task_at,
 )
+from metagrad.config import PRESETS, Config, preset
+from metagrad.evaluate import Evaluation, evaluate, evaluate_run
 from metagrad.inner import GradientDescent, NewtonCG
 from metagrad.models import Loss, loss_fn, params_of
+from metagrad.run import Run, load_run
+from metagrad.train import TrainingError, TrainResult, resume, train
 
 __version__ = "0.1.0"
 
@@ -33,7 +37,9 @@ __all__ = [
     "ANIL",
     "Adapted",
     "Batch",
+    "Config",
     "Estimator",
+    "Evaluation",
     "GradientDescent",
     "IMAML",
     "InnerSolver",
@@ -43,16 +49,26 @@ __all__ = [
     "MAML",
     "Metrics",
     "NewtonCG",
+    "PRESETS",
     "Params",
     "Reptile",
+    "Run",
     "Task",
+    "TrainResult",
+    "TrainingError",
     "build",
     "data",
+    "evaluate",
+    "evaluate_run",
     "linalg",
+    "load_run",
     "loss_fn",
     "meta_gradient",
     "models",
     "params_of",
+    "preset",
+    "resume",
     "task_at",
+    "train",
     "tree",
 ]
