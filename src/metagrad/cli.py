@@ -7,7 +7,8 @@
     metagrad eval DIR [--tasks 600] [--split test] [--lake-runs PATH]
     metagrad presets
 
-Other modules add subcommands with :func:`register` (``metagrad experiment``, ``metagrad bench``).
+Other modules add subcommands with :func:`register` and list themselves in :data:`PLUGINS`
+(``metagrad experiment``, ``metagrad bench``).
 A user mistake prints one line on stderr and exits non-zero, never a traceback.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 import textwrap
@@ -196,11 +198,15 @@ def _run_presets(args: argparse.Namespace) -> int:
 register("train", "meta-train (default: MAML on sinusoid)", _train_arguments, _run_train)
 register("eval", "evaluate a run on fixed held-out tasks", _eval_arguments, _run_eval)
 register("presets", "list the presets and their sources", _presets_arguments, _run_presets)
-import metagrad.experiments._cli  # noqa: E402, F401 (registers `metagrad experiment`)
+
+PLUGINS = ["metagrad.experiments._cli"]
+"""Modules that :func:`register` more subcommands when imported (on the first :func:`parser`)."""
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser, with every registered subcommand."""
+    for module in PLUGINS:
+        importlib.import_module(module)
     top = _Parser(prog="metagrad", description="Gradient-based meta-learning on PyTorch.")
     subs = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help, add_arguments, _) in SUBCOMMANDS.items():
