@@ -34,12 +34,12 @@ def build_estimator(config: Config, model: nn.Module, *, evaluation: bool = Fals
     else:
         inner = GradientDescent(lr=a.inner_lr, steps=steps)
     loss = models.loss_fn(model, "mse" if config.data.benchmark == "sinusoid" else "cross_entropy")
-    options: dict[str, Any] = {
+    per_algorithm: dict[str, dict[str, Any]] = {
         "anil": {"head": a.head},
         "leap": {"metric": a.leap_metric, "loss_term": a.loss_term, "stabilizer": a.stabilizer},
         "imaml": {"lam": a.lam, "cg_steps": a.cg_steps},
-    }.get(a.algorithm, {})
-    return build(a.algorithm, loss, inner, **options)
+    }
+    return build(a.algorithm, loss, inner, **per_algorithm.get(a.algorithm, {}))
 
 
 def data_root(config: Config) -> Config:
@@ -71,10 +71,11 @@ class TaskSource:
         eval_shots = d.eval_shots or d.shots
         self.split_info: dict[str, Any] | None = None
         self._fixed: dict[str, Any] = {}
+        self.samplers: dict[str, Any] = {}
         if d.benchmark == "sinusoid":
             test = data.Sinusoid(shots=eval_shots, queries=d.queries)
-            self.samplers = {"train": data.Sinusoid(shots=d.shots, queries=d.queries)}
-            self.samplers.update(val=test, test=test)
+            train = data.Sinusoid(shots=d.shots, queries=d.queries)
+            self.samplers.update(train=train, val=test, test=test)
             return
         ds = data.Omniglot(data_root(config).data.root)  # type: ignore[arg-type]
         if d.benchmark == "omniglot-alphabets":

@@ -25,7 +25,8 @@ CHECKPOINT = "checkpoint.pt"
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
     """Every random state: the named generators, global torch, CUDA, NumPy and Python ones."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    keys = np.asarray(keys)
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "generators": {name: g.get_state() for name, g in generators.items()},

@@ -223,7 +223,7 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state["params"][name])
-    params = dict(model.named_parameters())
+    params: Params = {name: p for name, p in model.named_parameters()}
     estimator = build_estimator(config, model, evaluation=True)
     return Run(run.path, config, int(state["step"]), params, model, estimator)
 
@@ -254,7 +254,7 @@ class Progress:
     """A tqdm bar (steps/s, loss, accuracy, ETA) on a terminal, else one log line per log step."""
 
     def __init__(self, total: int, initial: int, enabled: bool | None = None) -> None:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
         enabled = sys.stderr.isatty() if enabled is None else enabled
         self.bar = (

@@ -79,7 +79,7 @@ class TrainResult:
     plots: list[Path] = field(default_factory=list)
 
 
-def _optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(config: Config, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     o = config.optim
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=o.outer_lr)
@@ -196,7 +196,7 @@ def _loop(
     generators = {"tasks": generator}
     step = 0
     if resumed and (run.path / CHECKPOINT).is_file():
-        state = load_checkpoint(run.path, device)
+        state = load_checkpoint(run.path)  # on the CPU: random states must stay there
         with torch.no_grad():
             for k, p in theta.items():
                 p.copy_(state["params"][k])
