@@ -7,6 +7,7 @@ import json
 import typing
 
 import pytest
+import torch
 
 from metagrad import cli
 from metagrad.config import PRESETS, SECTIONS
@@ -88,6 +89,13 @@ def _one_line_error(capsys, argv: list[str], *expected: str) -> str:
 )
 def test_usage_mistakes(capsys, argv, expected):
     _one_line_error(capsys, argv, *expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu(capsys, tmp_path):
+    _one_line_error(
+        capsys, ["train", *TINY, "--device", "cuda", "--out", str(tmp_path / "r")], "cuda"
+    )
 
 
 def test_missing_data_folder(capsys, tmp_path):

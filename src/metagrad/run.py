@@ -38,6 +38,12 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 
 
+def check_device(config: Config) -> None:
+    """``ValueError`` if the config asks for a device this machine does not have."""
+    if config.run.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
+
+
 @contextlib.contextmanager
 def torch_settings(config: Config) -> Iterator[None]:
     """Deterministic kernels (default on CPU) and the thread count while training, then restored."""
@@ -47,6 +53,7 @@ def torch_settings(config: Config) -> Iterator[None]:
         torch.get_num_threads(),
         torch.backends.cudnn.benchmark,
     )
+    check_device(config)
     on = config.run.is_deterministic
     torch.use_deterministic_algorithms(on, warn_only=config.run.device != "cpu")
     torch.backends.cudnn.benchmark = not on

@@ -35,7 +35,7 @@ from metagrad._types import Metrics, Params, Task
 from metagrad.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, set_rng_state
 from metagrad.config import Config
 from metagrad.evaluate import Evaluation, evaluate, plot_sinusoid
-from metagrad.run import Progress, RunDir, StopOnSigint, torch_settings
+from metagrad.run import Progress, RunDir, StopOnSigint, check_device, torch_settings
 
 __all__ = [
     "RESUMABLE",
@@ -119,6 +119,7 @@ def train(
     Raises ``ValueError`` for a folder that holds a run or other files, and
     :class:`TrainingError` for a non-finite meta-loss, naming the step and its tasks' seed.
     """
+    check_device(config)
     config = data_root(config)
     source = TaskSource(config)
     run = RunDir.create(out, config, source.split_info, is_main=is_main)
