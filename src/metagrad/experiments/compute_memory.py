@@ -277,7 +277,8 @@ def _plot(results: dict, memory: str, path: Path) -> Path:
                 xs, ys = zip(*((s, r[key]) for s, r in points), strict=True)
                 ax.plot(xs, ys, marker="o", ms=3, color=f"C{j}", label=name)
         ax.set(xlabel="inner steps S", ylabel=label)
-        ax.legend(fontsize="small")
+        if results:
+            ax.legend(fontsize="small")
     return save_figure(fig, path)
 
 

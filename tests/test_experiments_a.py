@@ -1,0 +1,121 @@
+"""Experiments 1-3 (sinusoid, metagrad-accuracy, compute-memory): --quick runs, resumable cells,
+the budget, the closed form, and the `metagrad experiment` command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import metagrad as mg
+from metagrad import cli
+from metagrad.experiments import MISSING, Options, run_experiment
+from metagrad.experiments import metagrad_accuracy as acc
+
+
+def _cells(report, table=0):
+    return [cell for row in report.tables[table].rows for cell in row[1:]]
+
+
+@pytest.mark.slow
+def test_sinusoid_quick_then_reuses_its_cells(tmp_path):
+    report = run_experiment("sinusoid", Options(out=tmp_path, quick=True))
+    assert [t.name for t in report.tables] == ["sinusoid_k10", "sinusoid_grid"]
+    assert all(c is not None for t in range(2) for c in _cells(report, t))
+    assert len(report.tables[1].rows) == 7 * 3
+    for name in ("sinusoid.md", "sinusoid.json", "sinusoid_mse.png", "sinusoid_adapted.png"):
+        assert (tmp_path / name).is_file(), name
+    maml = report.info["results"]["MAML"][0]
+    assert maml["K10-s0"]["mse"] > 0 and maml["K10-s10"]["lr"] == 0.01
+    assert report.info["results"]["pre-trained"][0]["K10-s10"]["lr"] in (0.001, 0.003, 0.01,
+                                                                        0.03, 0.1)  # fmt: skip
+    checkpoint = tmp_path / "cells" / "sinusoid" / "MAML-seed0" / "checkpoint.pt"
+    before = checkpoint.stat().st_mtime_ns
+    again = run_experiment("sinusoid", Options(out=tmp_path, quick=True))
+    assert checkpoint.stat().st_mtime_ns == before, "a finished cell is reused, not retrained"
+    assert again.tables[0].rows == report.tables[0].rows
+
+
+def test_sinusoid_cells_not_started_after_the_budget_are_missing(tmp_path):
+    report = run_experiment("sinusoid", Options(out=tmp_path, quick=True, budget_minutes=1e-9))
+    assert set(_cells(report)) <= {None, "not reported", "0.67 / 0.38 / 0.35", "2.41 / 2.23 / 2.19"}
+    assert MISSING in report.to_markdown() and report.figures == []
+
+
+def test_a_cell_of_other_settings_is_not_reused(tmp_path):
+    run_experiment("sinusoid", Options(out=tmp_path, quick=True, budget_minutes=1e-9))
+    from metagrad.experiments._cells import run_cell
+    from metagrad.experiments.sinusoid import cell_config
+
+    path = tmp_path / "cell"
+    assert run_cell(cell_config("FOMAML", 2, 0, "cpu", 5), path)
+    assert run_cell(cell_config("FOMAML", 2, 0, "cpu", 5), path), "finished: reused"
+    assert run_cell(cell_config("FOMAML", 3, 0, "cpu", 5), path), "longer: resumed"
+    with pytest.raises(ValueError, match="other settings"):
+        run_cell(cell_config("MAML", 3, 0, "cpu", 5), path)
+
+
+def test_closed_form_meta_gradient_matches_autograd_through_the_solve():
+    """g* = (I + H/lam)^{-1} grad L_q(phi*), against autograd through phi*'s linear solve."""
+    tasks, theta = acc.make_tasks(2, torch.Generator().manual_seed(1))
+    task = mg.task_at(tasks, 0)
+    (xs, ys), (xq, yq) = task
+
+    def query_loss(th):
+        h = 2 * xs.T @ xs / len(xs)
+        c = 2 * xs.T @ ys[:, 0] / len(xs)
+        phi = torch.linalg.solve(h + acc.LAM * torch.eye(acc.DIM, dtype=th.dtype), c + acc.LAM * th)
+        return ((xq @ phi - yq[:, 0]) ** 2).mean()
+
+    truth, _ = acc.exact(task, theta)
+    torch.testing.assert_close(torch.func.grad(query_loss)(theta[0]), truth)
+
+
+@pytest.mark.slow
+def test_metagrad_accuracy_quick(tmp_path):
+    report = run_experiment("metagrad-accuracy", Options(out=tmp_path, quick=True))
+    errors = report.info["errors"]
+    ks = sorted(errors["MAML"])
+    first, last = ks[0], ks[-1]
+    for name in ("MAML", "iMAML, c = K"):
+        assert errors[name][last] < 0.1 * errors[name][first], name
+    assert errors["FOMAML"][last] > 10 * errors["MAML"][last], "FOMAML is biased"
+    assert errors["FOMAML, K = inf"]["0"] > 0.1
+    assert errors["iMAML, exact inner"][last] < 1e-8, "CG to convergence is exact"
+    assert (tmp_path / "metagrad_accuracy.png").is_file()
+
+
+@pytest.mark.slow
+def test_compute_memory_quick(tmp_path):
+    report = run_experiment("compute-memory", Options(out=tmp_path, quick=True))
+    seconds, memory = report.tables
+    assert all(c is not None and c > 0 for c in _cells(report, 0))
+    assert all(c is not None and c >= 0 for c in _cells(report, 1))
+    maml = report.info["points"]["MAML"]
+    assert maml["3"]["peak_mb"] > 1.3 * maml["1"]["peak_mb"], "MAML keeps every step's graph"
+    saved = json.loads((tmp_path / "cells" / "compute-memory" / "MAML-S1.json").read_text())
+    assert saved["spec"]["config"]["algo"]["inner_steps"] == 1
+    assert (tmp_path / "compute_memory.png").is_file()
+
+
+def test_compute_memory_points_past_the_budget_are_missing(tmp_path):
+    report = run_experiment("compute-memory", Options(out=tmp_path, budget_minutes=1e-9))
+    assert all(c is None for c in _cells(report, 0) + _cells(report, 1))
+    assert "larger --budget-minutes" in report.to_markdown()
+
+
+def test_experiment_list_and_mistakes(capsys, tmp_path):
+    assert cli.main(["experiment", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "sinusoid" in listed and "compute-memory" in listed and "metagrad-accuracy" in listed
+    cases = [
+        (["experiment", "nope"], "unknown experiment 'nope'"),
+        (["experiment", "sinusoid", "--seeds", "0"], "expected a positive number"),
+        (["experiment", "metagrad-accuracy", "--steps", "3"], "--steps does not apply"),
+        (["experiment", "sinusoid", "--lake-runs", "x"], "--lake-runs does not apply"),
+    ]
+    for argv, message in cases:
+        assert cli.main([*argv, "--out", str(tmp_path / "x")]) != 0
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
