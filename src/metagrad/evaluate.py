@@ -11,7 +11,9 @@ split and the chunk index only, so every run and every call sees the same tasks:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,21 @@ def _scores(estimator: Any, theta: Params, task: Task) -> torch.Tensor:
     return torch.stack([before, after, acc])
 
 
+Scorer = Callable[[Callable[[Task], torch.Tensor], Task], torch.Tensor]
+"""``scorer(score, tasks)``: the ``[n, 3]`` scores of all ``tasks``; ``score`` scores a subset."""
+_scorers: list[Scorer] = []
+
+
+@contextlib.contextmanager
+def scoring(scorer: Scorer) -> Iterator[None]:
+    """Within it, :func:`evaluate_tasks` scores through ``scorer`` (distributed: by rank shares)."""
+    _scorers.append(scorer)
+    try:
+        yield
+    finally:
+        _scorers.remove(scorer)
+
+
 def evaluate_tasks(
     estimator: Any, theta: Params, tasks: Task, split: str, mode: str = "loop"
 ) -> Evaluation:
@@ -107,11 +124,14 @@ def evaluate_tasks(
     ``tasks`` are stacked on dim 0; ``mode="vmap"`` vectorises over them, ``"loop"`` does not.
     """
     theta = {k: v.detach() for k, v in theta.items()}
-    if mode == "vmap":
-        scores = torch.func.vmap(lambda t: _scores(estimator, theta, t))(tasks)
-    else:
+
+    def score(tasks: Task) -> torch.Tensor:
+        if mode == "vmap":
+            return torch.func.vmap(lambda t: _scores(estimator, theta, t))(tasks)
         n = tasks.support.x.shape[0]
-        scores = torch.stack([_scores(estimator, theta, task_at(tasks, i)) for i in range(n)])
+        return torch.stack([_scores(estimator, theta, task_at(tasks, i)) for i in range(n)])
+
+    scores = _scorers[-1](score, tasks) if _scorers else score(tasks)
     before, after, acc = scores.double().T.tolist()
     ev = Evaluation(split, len(before), _steps(estimator), *mean_ci(before), *mean_ci(after))
     if estimator.loss.is_classification:
