@@ -82,6 +82,8 @@ class RunDir:
     ) -> RunDir:
         """A new run folder; ``ValueError`` if ``path`` holds a run or other files."""
         run = cls(path, is_main=is_main)
+        if not is_main:  # a distributed rank: rank 0 checks (it may already have made the folder)
+            return run
         if (run.path / CONFIG).exists():
             raise ValueError(
                 f"{run.path} already holds a run: continue it with `metagrad train --resume "
@@ -178,7 +180,9 @@ class RunDir:
     def metrics(self) -> list[dict[str, Any]]:
         """The lines of ``metrics.jsonl``."""
         path = self.path / METRICS
-        return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+        text = path.read_text() if path.exists() else ""
+        text = text[: text.rfind("\n") + 1]  # complete lines: another process may be appending
+        return [json.loads(ln) for ln in text.splitlines()]
 
     def plot(self) -> Path:
         """Draw the training curves into ``curves.png``; returns its path."""
