@@ -1,0 +1,236 @@
+"""Data-parallel meta-training over tasks on ``torch.distributed``, launched by ``torchrun``.
+
+``metagrad train`` runs under ``torchrun`` with no other change::
+
+    torchrun --standalone --nproc-per-node 2 -m metagrad train --preset sinusoid-maml --out runs/d
+    torchrun --standalone --nproc-per-node 2 -m metagrad train --resume runs/d --steps 20000
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+        -m metagrad train --preset omniglot-20w5s-imaml-gd --data PATH --out runs/z
+
+Every rank draws the same **global** meta-batch from the run's seed (so it does not depend on the
+world size), takes its contiguous share (:func:`share`), computes the mean meta-gradient of that
+share, and joins one all-reduce (sum) per step of
+
+    ``[k * mean gradient (flattened), k * mean metrics, k]``   with ``k`` the share's size,
+
+which every rank divides by the summed ``k``: the mean over the global meta-batch, weighted
+correctly when it does not divide evenly (a rank with no task sends zeros). Every rank holds the
+whole model, the optimiser state and the global meta-batch, and applies the same update, so the
+parameters stay identical without a broadcast. Evaluation tasks are split the same way and their
+per-task scores summed into one table. Rank 0 alone writes the run folder and prints; the other
+ranks print nothing but their errors. A rank that dies or hangs makes the others raise
+:class:`DistributedError` (one line on stderr, exit status 1) within ``--dist-timeout`` seconds.
+
+Backends: gloo for CPU tensors and, where CUDA is available, NCCL for CUDA tensors (each rank on
+GPU ``LOCAL_RANK``). Under NCCL a hung peer is caught by NCCL's watchdog, which ends the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import metagrad as mg
+from metagrad import tree
+from metagrad._types import Metrics, Params, Task
+from metagrad.evaluate import scoring
+from metagrad.train import TrainingError
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DistributedError",
+    "gradient",
+    "is_launched",
+    "rank",
+    "score_tasks",
+    "session",
+    "share",
+    "world_size",
+]
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds a rank waits in a collective for the others before it stops (``--dist-timeout``)."""
+
+STALL = "METAGRAD_TEST_STALL"
+"""Test hook: ``RANK:CALL`` makes that rank hang at its ``CALL``-th meta-gradient (1-based)."""
+
+
+class DistributedError(TrainingError):
+    """Another rank died or hung: this one stops; the last checkpoint in the run folder is kept."""
+
+
+def is_launched() -> bool:
+    """Whether this process is one of several started by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def share(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``n`` tasks: the first ``n % world`` ranks get one more.
+
+    >>> [share(5, r, 2) for r in range(2)]
+    [slice(0, 3, None), slice(3, 5, None)]
+    >>> share(1, 1, 2)
+    slice(1, 1, None)
+    """
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def _tasks(tasks: Task, part: slice) -> Task:
+    return Task(*(type(b)(*(t[part] for t in b)) for b in tasks))
+
+
+def _count(tasks: Task) -> int:
+    return int(tasks.support.x.shape[0])
+
+
+def _all_reduce(buffer: torch.Tensor, what: str) -> None:
+    """Sum ``buffer`` over the ranks in place; :class:`DistributedError` if a peer failed."""
+    start = time.monotonic()
+    try:
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    except RuntimeError as e:  # gloo: a closed connection or a timeout (DistBackendError)
+        raise _peer_error(what, time.monotonic() - start, e) from e
+
+
+def _peer_error(what: str, waited: float, error: BaseException) -> DistributedError:
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    cause = (
+        f"no answer within --dist-timeout {_timeout:g}s (a rank hung)"
+        if "timed out" in detail.lower() or "timeout" in detail.lower()
+        else "another rank ended (it died or stopped with its own error)"
+    )
+    return DistributedError(
+        f"rank {rank()} of {world_size()}: {what} failed after {waited:.1f}s: {cause}; the last "
+        f"checkpoint in the run folder is kept, resume it with `metagrad train --resume` ({detail})"
+    )
+
+
+_calls = 0
+_timeout = DEFAULT_TIMEOUT
+
+
+def _test_stall() -> None:
+    global _calls
+    _calls += 1
+    target = os.environ.get(STALL)
+    if target and [int(v) for v in target.split(":")] == [rank(), _calls]:
+        while True:  # a hung rank, for the timeout test
+            time.sleep(3600)
+
+
+def gradient(estimator: Any, theta: Params, tasks: Task, mode: str) -> tuple[Params, Metrics]:
+    """The mean meta-gradient and metrics over the global meta-batch ``tasks``, across the ranks.
+
+    A drop-in for :func:`metagrad.train.outer_gradient`: this rank computes the mean over its
+    :func:`share` of ``tasks``; one all-reduce (sum) of ``k * gradient``, ``k * metrics`` and
+    ``k`` (the share's size), divided by the global count, gives every rank the global mean.
+    """
+    _test_stall()
+    n = _count(tasks)
+    part = share(n, rank(), world_size())
+    k = part.stop - part.start
+    # A rank with no task computes the last one to learn the metrics' shapes, then sends zeros
+    # (it would wait for the others anyway).
+    mine = _tasks(tasks, part if k else slice(n - 1, n))
+    grads, metrics = mg.meta_gradient(estimator, theta, mine, mode=mode)  # type: ignore[arg-type]
+    flat = tree.flatten(grads)
+    parts = [flat, *(m.reshape(-1).to(flat.dtype) for m in metrics.values())]
+    buffer = torch.cat([torch.cat(parts) * k, flat.new_tensor([k])])
+    _all_reduce(buffer, "the meta-gradient all-reduce")
+    mean = buffer[:-1] / buffer[-1]
+    grads = tree.unflatten(mean[: flat.numel()], grads)
+    out, i = {}, flat.numel()
+    for name, m in metrics.items():
+        out[name] = mean[i : i + m.numel()].view(m.shape).to(m.dtype)
+        i += m.numel()
+    return grads, out
+
+
+def score_tasks(score: Callable[[Task], torch.Tensor], tasks: Task) -> torch.Tensor:
+    """The ``[n, 3]`` evaluation scores of all ``tasks``: this rank scores its share, then a sum.
+
+    Installed by :func:`session` as :func:`metagrad.evaluate.scoring`'s scorer.
+    """
+    n = _count(tasks)
+    part = share(n, rank(), world_size())
+    table = torch.zeros(n, 3, dtype=torch.float64, device=tasks.support.x.device)
+    if part.stop > part.start:
+        table[part] = score(_tasks(tasks, part)).to(table.dtype)
+    _all_reduce(table, "the evaluation all-reduce")
+    return table
+
+
+def _backend() -> str:
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+@contextlib.contextmanager
+def session(timeout: float = DEFAULT_TIMEOUT) -> Iterator[dict[str, Any]]:
+    """Under ``torchrun`` with several ranks: the keyword arguments of ``train`` and ``resume``.
+
+    Initialises the process group from torchrun's environment (``timeout`` seconds for every
+    collective), splits evaluation across the ranks, silences the output of ranks other than 0,
+    and tears the group down at the end. Outside torchrun (or with one rank) it yields ``{}``.
+    """
+    global _timeout, _calls
+    if not is_launched():
+        yield {}
+        return
+    if timeout <= 0:
+        raise ValueError(f"--dist-timeout must be a positive number of seconds, got {timeout:g}")
+    _timeout, _calls = timeout, 0
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group(_backend(), timeout=timedelta(seconds=timeout))
+    except RuntimeError as e:
+        raise _peer_error("joining the process group", timeout, e) from e
+    ok = False
+    try:
+        main = rank() == 0
+        with contextlib.ExitStack() as quiet, scoring(score_tasks):
+            if not main:  # rank 0 alone prints; errors still show (printed after this block)
+                devnull = quiet.enter_context(open(os.devnull, "w"))  # noqa: SIM115
+                quiet.enter_context(contextlib.redirect_stdout(devnull))
+                quiet.enter_context(contextlib.redirect_stderr(devnull))
+            yield {"is_main": main, "gradient": gradient}
+        _barrier()  # every rank done before any leaves: no collective is cut short
+        ok = True
+    finally:
+        _teardown(ok)
+
+
+def _barrier() -> None:
+    start = time.monotonic()
+    try:
+        dist.barrier()
+    except RuntimeError as e:
+        raise _peer_error("the final barrier", time.monotonic() - start, e) from e
+
+
+def _teardown(ok: bool) -> None:
+    try:
+        dist.destroy_process_group()
+    except Exception as e:  # a broken group may fail to close; the process ends anyway
+        if ok:
+            print(f"metagrad: warning: closing the process group: {e}", file=sys.stderr)
