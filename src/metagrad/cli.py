@@ -98,23 +98,34 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder (default: runs/<preset>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar")
+    p.add_argument(
+        "--dist-timeout", type=float, default=300, metavar="S",
+        help="under torchrun: seconds a rank waits for the others before it stops with an error",
+    )  # fmt: skip
     add_config_flags(p)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from metagrad.distributed import session
+
+    with session(args.dist_timeout) as ranks:  # under torchrun: is_main and gradient; else {}
+        return _train(args, ranks)
+
+
+def _train(args: argparse.Namespace, ranks: dict[str, Any]) -> int:
     from metagrad.train import resume, train
 
     changes = _config_changes(args)
     if args.resume:
         if args.preset or args.out:
             raise UsageError("--resume continues a run as configured: drop --preset and --out")
-        result = resume(args.resume, progress=args.progress, **changes)
+        result = resume(args.resume, progress=args.progress, **ranks, **changes)
     else:
         name = args.preset or DEFAULT_PRESET
         config = preset(name).override(**changes)
         out = Path(args.out) if args.out else _default_out(name)
         print(f"metagrad: training {name} in {out}", file=sys.stderr)
-        result = train(config, out, progress=args.progress)
+        result = train(config, out, progress=args.progress, **ranks)
     if result.interrupted:
         print(
             f"metagrad: interrupted at step {result.step}; checkpoint saved. Resume with: "
