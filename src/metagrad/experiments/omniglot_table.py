@@ -1,0 +1,296 @@
+"""Omniglot few-shot classification at equal compute (Rajeswaran et al. 2019, iMAML Table 2).
+
+MAML, FOMAML, Reptile, iMAML-GD, iMAML-HF, ANIL and Leap, each with its ``omniglot-*`` preset, on
+5-way 1-shot, 5-way 5-shot, 20-way 1-shot and 20-way 5-shot (the ``maml`` split: 1,200 training
+characters with rotations, 423 test characters), scored on the same 600 seeded test tasks with the
+preset's test-time steps: mean accuracy with a 95% confidence interval, beside the published
+numbers (:data:`PUBLISHED`, each with its source).
+
+Budget. ``--budget-minutes M`` (default 15 on a CPU) gives every cell the same wall-clock time:
+the cell's outer-step count is planned from its own measured step time (one warm-up task, then
+two timed tasks, scaled to the meta-batch), so that training takes about ``M`` minutes; a linear
+schedule (Reptile) then anneals over exactly that many steps. The steps and the measured training
+seconds of every cell are reported beside the accuracies. ``--steps N`` trains every cell ``N``
+outer steps instead; on a GPU with neither flag each preset keeps its paper's iteration count.
+Training runs on one CPU thread (on shared cores several times faster than two).
+
+Every cell is an ordinary run folder ``OUT/cells/omniglot-table/{5w1s,...}/ALGO-seedS``: calling
+the experiment again completes the cells that had not finished and reuses the others; the table
+is rewritten after every cell, with unfinished ones marked. Cells run one setting at a time, the
+cheapest first (5w1s, 5w5s, 20w1s, 20w5s)::
+
+    metagrad experiment omniglot-table --budget-minutes 15          # about 7 hours of training
+    metagrad experiment omniglot-table --device cuda --steps 60000
+    metagrad experiment omniglot-table --quick                      # 5-way 1-shot, a few steps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import metagrad as mg
+from metagrad._build import TaskSource, build_estimator, build_model, data_root
+from metagrad.config import Config, DataConfig, ModelConfig, preset
+from metagrad.evaluate import mean_ci
+from metagrad.experiments._cells import load_json, machine, reject, run_cell, save_figure
+from metagrad.experiments._report import Options, Report, Table
+from metagrad.run import CONFIG, RunDir
+from metagrad.train import TrainingError, torch_settings
+
+DESCRIPTION = (
+    "iMAML Table 2: Omniglot 5/20-way 1/5-shot test accuracy of seven meta-learners at equal "
+    "wall-clock budget, beside the published numbers"
+)
+
+SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
+ALGORITHMS = {
+    "MAML": "maml",
+    "FOMAML": "fomaml",
+    "Reptile": "reptile",
+    "iMAML-GD": "imaml-gd",
+    "iMAML-HF": "imaml-hf",
+    "ANIL": "anil",
+    "Leap": "leap",
+}
+"""Row name -> the ``omniglot-{W}w{K}s-*`` preset (Leap has none: see :func:`cell_config`)."""
+
+_MAML = "Finn et al. 2017 (MAML), Table 1"
+_REPTILE = "Nichol et al. 2018 (Reptile), Table 1, with transduction, as quoted in iMAML Table 2"
+_IMAML = "Rajeswaran et al. 2019 (iMAML), Table 2"
+PUBLISHED: dict[str, tuple[dict[tuple[int, int], float], str, bool]] = {
+    "MAML": ({(5, 1): 98.7, (5, 5): 99.9, (20, 1): 95.8, (20, 5): 98.9}, _MAML, True),
+    "FOMAML": ({(5, 1): 98.3, (5, 5): 99.2, (20, 1): 89.4, (20, 5): 97.9}, _MAML, True),
+    "Reptile": ({(5, 1): 97.68, (5, 5): 99.48, (20, 1): 89.43, (20, 5): 97.12}, _REPTILE, True),
+    "iMAML-GD": ({(5, 1): 99.16, (20, 1): 94.46}, f"{_IMAML} (5-shot entries not quoted)", True),
+    "iMAML-HF": ({(5, 1): 99.50, (5, 5): 99.74, (20, 1): 96.18, (20, 5): 99.14}, _IMAML, True),
+    "ANIL": (
+        {(20, 1): 96.2, (20, 5): 98.0},
+        "Raghu et al. 2020 (ANIL), Table 2, from memory: uncertain, check before quoting",
+        False,
+    ),
+}
+"""Published test accuracy (%) -> (numbers by (ways, shots), source, sure). Leap reports none."""
+
+QUICK = {"minutes": 0.02, "tasks": 5, "meta_batch": 4, "settings": ((5, 1),)}
+FULL = {"minutes": 15.0, "tasks": 600}
+
+
+def cell_config(name: str, ways: int, shots: int, seed: int = 0, device: str = "cpu") -> Config:
+    """The run of one cell: its preset with evaluation, logging and threads for an experiment.
+
+    Leap has no few-shot preset (its paper reports no such table): MAML's settings for the same
+    ``ways`` and ``shots``, with MAML's test-time step count (3 or 5) as its training path length.
+    """
+    if name == "Leap":
+        base = preset(f"omniglot-{ways}w{shots}s-maml")
+        steps = base.algo.eval_inner_steps
+        config = base.override(algorithm="leap", inner_steps=steps, eval_inner_steps=steps)
+        config = dataclasses.replace(config, preset=f"omniglot-{ways}w{shots}s-maml, as Leap")
+    else:
+        config = preset(f"omniglot-{ways}w{shots}s-{ALGORITHMS[name]}")
+    threads = {"threads": 1} if device == "cpu" else {}
+    return config.override(
+        seed=seed, device=device, eval_every=0, tensorboard=False, eval_tasks=600, **threads
+    )
+
+
+def step_seconds(config: Config, tasks: int = 2) -> float:
+    """Seconds per outer step of ``config``: one warm-up task, ``tasks`` timed, scaled up."""
+    config = data_root(config)
+    source = _source(config.data)
+    device = torch.device(config.run.device)
+    model = build_model(config).to(device)
+    theta, estimator = mg.params_of(model), build_estimator(config, model)
+    g = torch.Generator().manual_seed(config.run.seed)
+    k = min(tasks, config.optim.meta_batch)
+    with torch_settings(config):
+        elapsed = []
+        for n in (1, k):
+            start = time.perf_counter()
+            batch = source.sample("train", n, g)
+            batch = mg.Task(*(type(b)(*(t.to(device) for t in b)) for b in batch))
+            mg.meta_gradient(estimator, theta, batch, mode=config.algo.mode)
+            elapsed.append(time.perf_counter() - start)
+    return elapsed[1] / k * config.optim.meta_batch
+
+
+@functools.lru_cache(maxsize=2)
+def _source(data: DataConfig) -> TaskSource:
+    return TaskSource(Config(model=ModelConfig("conv4"), data=data))
+
+
+def planned(config: Config, path: Path, minutes: float | None, steps: int | None) -> Config:
+    """``config`` with its outer steps fixed, and logging and checkpoints to match.
+
+    ``steps`` if given; else those of the run already in ``path`` (a plan is made once); else
+    ``minutes`` of training at the measured :func:`step_seconds`; else the preset's.
+    """
+    if steps is None and (path / CONFIG).is_file():
+        steps = RunDir(path).config().optim.steps
+    if steps is None and minutes is not None:
+        steps = max(1, int(60 * minutes / step_seconds(config)))
+    steps = steps or config.optim.steps
+    return config.override(
+        steps=steps, log_every=max(1, min(100, steps // 50)), checkpoint_every=max(1, steps // 5)
+    )
+
+
+def train_seconds(path: Path) -> float:
+    """The training time of the run in ``path``: the log windows' steps over their speed."""
+    total, last = 0.0, 0
+    for m in RunDir(path).metrics():
+        if "steps_per_s" in m:
+            total += (m["step"] - last) / m["steps_per_s"]
+            last = m["step"]
+    return total
+
+
+def cell_result(path: Path) -> dict[str, Any] | None:
+    """Accuracy (%), its 95% half-width, steps and training seconds of a finished cell."""
+    ev = load_json(path / "eval_test.json")
+    if ev is None:
+        return None
+    return {
+        "accuracy": 100 * ev["accuracy"],
+        "ci": 100 * ev["accuracy_ci"],
+        "tasks": ev["tasks"],
+        "steps": RunDir(path).config().optim.steps,
+        "train_seconds": round(train_seconds(path), 1),
+    }
+
+
+def _summary(per_seed: list[dict[str, Any]]) -> str:
+    """``mean ± 95% CI``: over the test tasks (one seed) or over the seeds' means."""
+    accs = [r["accuracy"] for r in per_seed]
+    mean, ci = (accs[0], per_seed[0]["ci"]) if len(accs) == 1 else mean_ci(accs)
+    return f"{mean:.2f} ± {ci:.2f}"
+
+
+def _paper(name: str, setting: tuple[int, int]) -> str:
+    numbers, _, sure = PUBLISHED.get(name, ({}, "", True))
+    value = numbers.get(setting)
+    return "not reported" if value is None else f"{value:.2f}" + ("" if sure else " (?)")
+
+
+def _key(ways: int, shots: int) -> str:
+    return f"{ways}w{shots}s"
+
+
+def report(options: Options, results: dict[str, dict[str, list]], info: dict[str, Any]) -> Report:
+    """The accuracy table beside the papers, the budget table, and the figure."""
+    settings = [_key(w, s) for w, s in SETTINGS]
+    acc = Table(
+        "omniglot_table",
+        "Omniglot test accuracy (%), mean ± 95% CI, beside the published numbers",
+        ["algorithm"] + [f"{s} {k}" for s in settings for k in ("ours", "paper")],
+        notes=[info["budget"], info["protocol"]]
+        + [f"Diverged (missing): {f}" for f in info.get("failed", [])]
+        + [f"{n}: {src}" + ("" if sure else " (?)") for n, (_, src, sure) in PUBLISHED.items()]
+        + ["Leap: no few-shot Omniglot numbers published; run with MAML's settings (assumed)."],
+    )
+    cost = Table(
+        "omniglot_budget",
+        "Training per cell: outer steps / measured training seconds",
+        ["algorithm"] + settings,
+        notes=["Training seconds from the run's own log (steps over steps per second)."],
+    )
+    for name in ALGORITHMS:
+        row, costs = [name], [name]
+        for (w, s), key in zip(SETTINGS, settings, strict=True):
+            cells = results.get(key, {}).get(name)
+            row += [_summary(cells) if cells else None, _paper(name, (w, s))]
+            costs.append(
+                " + ".join(f"{c['steps']} / {c['train_seconds']:.0f} s" for c in cells)
+                if cells
+                else None
+            )
+        acc.rows.append(row)
+        cost.rows.append(costs)
+    figures = [_plot(results, Path(options.out) / "omniglot_table.png")] if results else []
+    return Report("omniglot-table", [acc, cost], figures, {**info, "results": results})
+
+
+def run(options: Options) -> Report:
+    """Train (or resume, or reuse) every cell, one setting at a time; the table after each."""
+    reject(options, "omniglot-table", "lake_runs")
+    start = time.perf_counter()
+    budget = QUICK if options.quick else FULL
+    minutes = options.budget_minutes
+    if minutes is None and options.steps is None and options.device == "cpu":
+        minutes = budget["minutes"]
+    seeds = list(range(options.seeds or 1))
+    cells = Path(options.out) / "cells" / "omniglot-table"
+    what = f"{minutes:g} min of training per cell" if minutes else "the preset's outer steps"
+    info: dict[str, Any] = {
+        "machine": machine(options.device),
+        "budget_minutes": minutes,
+        "steps": options.steps,
+        "seeds": len(seeds),
+        "budget": (
+            f"Budget: {options.steps} outer steps per cell"
+            if options.steps
+            else f"Budget: {what} (outer steps planned from the cell's measured step time)"
+        )
+        + f", {len(seeds)} seed(s); the papers train 60,000-200,000 outer steps on a GPU.",
+        "protocol": (
+            f"Test: {budget['tasks']} fixed tasks of the 423 test characters, the preset's "
+            "test-time steps; batch norm on the batch's statistics (transductive, as the papers)."
+            + (f" Quick: meta-batch {QUICK['meta_batch']}." if options.quick else "")
+        ),
+    }
+    results: dict[str, dict[str, list]] = {}
+    for ways, shots in budget.get("settings", SETTINGS):
+        for name in ALGORITHMS:
+            for seed in seeds:
+                path = cells / _key(ways, shots) / f"{name}-seed{seed}"
+                config = cell_config(name, ways, shots, seed, options.device)
+                changes: dict[str, Any] = {"eval_tasks": budget["tasks"]}
+                if options.data is not None:
+                    changes["root"] = str(options.data)
+                if options.quick:
+                    changes["meta_batch"] = min(config.optim.meta_batch, QUICK["meta_batch"])
+                config = data_root(config.override(**changes))
+                config = planned(config, path, minutes, options.steps)
+                try:
+                    done = run_cell(config, path)
+                except TrainingError as e:  # a diverged cell stays missing, with the reason
+                    info.setdefault("failed", []).append(f"{path.relative_to(cells)}: {e}")
+                    continue
+                if done and (result := cell_result(path)):
+                    results.setdefault(_key(ways, shots), {}).setdefault(name, []).append(result)
+                info["wall_seconds"] = round(time.perf_counter() - start, 1)
+                report(options, results, info).save(options.out)  # a partial table, at once
+    return report(options, results, info)
+
+
+def _plot(results: dict[str, dict[str, list]], path: Path) -> Path:
+    """One panel per setting: accuracy and 95% CI per algorithm, the paper's number as a bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    names = list(ALGORITHMS)
+    for i, (w, s) in enumerate(SETTINGS):
+        ax = fig.add_subplot(1, len(SETTINGS), i + 1)
+        got = results.get(_key(w, s), {})
+        for j, name in enumerate(names):
+            if got.get(name):
+                accs = [r["accuracy"] for r in got[name]]
+                mean = sum(accs) / len(accs)
+                ci = got[name][0]["ci"] if len(accs) == 1 else mean_ci(accs)[1]
+                ax.bar(j, mean, yerr=ci, color=f"C{j}", capsize=2)
+            paper = PUBLISHED.get(name, ({}, "", True))[0].get((w, s))
+            if paper is not None:
+                ax.plot([j - 0.4, j + 0.4], [paper, paper], "k-", lw=2)
+        ax.set_xticks(range(len(names)), names, rotation=60, fontsize="small")
+        ax.set(ylim=(0, 100), title=f"{w}-way {s}-shot (black: paper)")
+        if i == 0:
+            ax.set_ylabel("test accuracy (%)")
+    return save_figure(fig, path)
