@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,9 @@ def _score(run: Run, tuned: bool, shots: int, steps: int, tasks: int) -> dict[st
     if tuned and steps > 0:
 
         def val(lr: float) -> float:
-            loss = _mse(run, shots, steps, "val", tasks, lr).loss
+            with warnings.catch_warnings():  # a diverging step size: inf losses, nan spread
+                warnings.simplefilter("ignore", RuntimeWarning)
+                loss = _mse(run, shots, steps, "val", tasks, lr).loss
             return loss if math.isfinite(loss) else math.inf
 
         lr = min(FINE_TUNE_LRS, key=val)
@@ -203,7 +206,7 @@ def _plot_curve(results: dict[str, list[dict[str, dict[str, float]]]], path: Pat
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    fig = Figure(figsize=(7, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     from matplotlib.ticker import ScalarFormatter
 
@@ -219,7 +222,7 @@ def _plot_curve(results: dict[str, list[dict[str, dict[str, float]]]], path: Pat
     for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
         axis(ScalarFormatter())
     ax.set_title("K = 10 support points", fontsize="medium")
-    ax.legend(fontsize="x-small", ncol=2)
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return save_figure(fig, path)
 
 
