@@ -18,6 +18,10 @@ Every model is an ordinary run folder under ``OUT/cells/sinusoid`` (resumable)::
 
     metagrad experiment sinusoid --out runs/exp/sinusoid            # full: 2,000 outer steps each
     metagrad experiment sinusoid --quick                            # smoke test, about a minute
+    metagrad experiment sinusoid --steps 10000 --seeds 3 --out ...  # longer runs continue
+    metagrad experiment sinusoid --budget-minutes 30                # no new cell after 30 min
+
+With several seeds the ± is the 95% interval over the seeds, with one over the test tasks.
 """
 
 from __future__ import annotations
