@@ -1,0 +1,175 @@
+"""Experiments 4-6 (omniglot-table, leap-omniglot, lake-runs): the budget plan, the held-out SGD
+protocol against a naive loop, the published numbers, and each experiment's --quick run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import shared_root
+
+import metagrad as mg
+from metagrad.config import preset
+from metagrad.experiments import MISSING, Options, run_experiment
+from metagrad.experiments import lake_runs as lr
+from metagrad.experiments import leap_omniglot as lo
+from metagrad.experiments import omniglot_table as ot
+from metagrad.run import RunDir
+
+
+def test_train_seconds_adds_the_log_windows(tmp_path):
+    lines = [
+        {"step": 10, "steps_per_s": 5.0, "query_loss": 1.0},
+        {"step": 10, "test_loss": 0.5},  # an evaluation line: no time
+        {"step": 15, "steps_per_s": 2.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    assert ot.train_seconds(tmp_path) == pytest.approx(10 / 5.0 + 5 / 2.5)
+
+
+def test_planned_steps_come_from_the_flag_the_run_or_the_measured_step_time(tmp_path, monkeypatch):
+    config = ot.cell_config("MAML", 5, 1)
+    monkeypatch.setattr(ot, "step_seconds", lambda c: 2.0)
+    one_minute = ot.planned(config, tmp_path / "new", 1.0, None)
+    assert one_minute.optim.steps == 30
+    assert one_minute.run.log_every == 1 and one_minute.run.checkpoint_every == 6
+    assert ot.planned(config, tmp_path / "new", 1.0, 7).optim.steps == 7
+    assert ot.planned(config, tmp_path / "new", None, None).optim.steps == 60_000
+    RunDir.create(tmp_path / "run", config.override(steps=12), None).close()
+    monkeypatch.setattr(ot, "step_seconds", lambda c: pytest.fail("a plan is made once"))
+    assert ot.planned(config, tmp_path / "run", 1.0, None).optim.steps == 12
+    assert ot.planned(config, tmp_path / "run", 1.0, 20).optim.steps == 20, "--steps continues"
+
+
+@pytest.mark.parametrize(("ways", "shots"), ot.SETTINGS)
+def test_every_cell_has_a_config_and_leap_walks_maml_test_steps(ways, shots):
+    for name in ot.ALGORITHMS:
+        config = ot.cell_config(name, ways, shots)
+        assert (config.data.ways, config.data.eval_shots or config.data.shots) == (ways, shots)
+        assert config.run.threads == 1 and config.run.eval_tasks == 600
+    maml, leap = preset(f"omniglot-{ways}w{shots}s-maml"), ot.cell_config("Leap", ways, shots)
+    assert leap.algo.algorithm == "leap"
+    assert leap.algo.inner_steps == leap.algo.eval_inner_steps == maml.algo.eval_inner_steps
+
+
+def test_published_numbers_are_the_quoted_ones_with_their_sources():
+    assert set(ot.PUBLISHED) <= set(ot.ALGORITHMS) and "Leap" not in ot.PUBLISHED
+    numbers = {name: values for name, (values, _, _) in ot.PUBLISHED.items()}
+    assert numbers["MAML"] == {(5, 1): 98.7, (5, 5): 99.9, (20, 1): 95.8, (20, 5): 98.9}
+    assert numbers["iMAML-HF"][(20, 1)] == 96.18 and numbers["iMAML-GD"] == {
+        (5, 1): 99.16,
+        (20, 1): 94.46,
+    }
+    assert all(src for _, src, _ in ot.PUBLISHED.values())
+    assert not ot.PUBLISHED["ANIL"][2], "from memory: marked uncertain"
+    assert ot._paper("ANIL", (20, 1)).endswith("(?)") and ot._paper("Leap", (5, 1)) == (
+        "not reported"
+    )
+
+
+def _naive_sgd(loss, theta, tasks, steps, seed):
+    """One task at a time, one step at a time: the held-out protocol written out."""
+    n_tasks, n = tasks.support.y.shape
+    g = torch.Generator().manual_seed(seed)
+    epochs = -(-steps * lo.SGD_BATCH // n)
+    orders = [
+        torch.cat([torch.randperm(n, generator=g) for _ in range(epochs)]) for _ in range(n_tasks)
+    ]
+    curves, errors = [], []
+    for t in range(n_tasks):
+        params, curve = dict(theta), []
+        for s in range(steps):
+            idx = orders[t][s * lo.SGD_BATCH : (s + 1) * lo.SGD_BATCH]
+            batch = mg.Batch(tasks.support.x[t, idx], tasks.support.y[t, idx])
+            value = loss(params, batch)
+            grads = torch.autograd.grad(value, list(params.values()))
+            params = {
+                k: p - lo.SGD_LR * gk for (k, p), gk in zip(params.items(), grads, strict=True)
+            }
+            curve.append(float(value.detach()))
+        query = mg.Batch(tasks.query.x[t], tasks.query.y[t])
+        errors.append(1 - float(loss.accuracy(params, query)))
+        curves.append(curve)
+    return np.array(curves).T, np.array(errors)
+
+
+def test_held_out_sgd_matches_a_naive_loop_and_its_auc_is_the_trapezoid():
+    torch.manual_seed(0)
+    model = mg.models.Conv4(1, 3, hidden=8).double()
+    loss = mg.loss_fn(model, "cross_entropy")
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 30, 1, 28, 28, generator=g, dtype=torch.float64)
+    y = torch.arange(3).repeat(10).expand(2, 30)
+    tasks = mg.Task(mg.Batch(x, y), mg.Batch(x[:, :9], y[:, :9]))
+    got = lo.sgd_curves(loss, theta, tasks, steps=4, seed=3)  # 4 batches of 20 from 30: 2 epochs
+    curve, error = _naive_sgd(loss, {k: v.requires_grad_() for k, v in theta.items()}, tasks, 4, 3)
+    np.testing.assert_allclose(got["curve"], curve, rtol=1e-10)
+    np.testing.assert_allclose(got["error"], error)
+    np.testing.assert_allclose(got["auc"], np.trapezoid(curve, axis=0) / 4, rtol=1e-10)
+
+
+def test_options_that_do_not_apply_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--lake-runs does not apply"):
+        run_experiment("omniglot-table", Options(out=tmp_path, lake_runs=tmp_path))
+    with pytest.raises(ValueError, match="--lake-runs does not apply"):
+        run_experiment("leap-omniglot", Options(out=tmp_path, lake_runs=tmp_path))
+
+
+def test_lake_table_says_whose_runs_it_scored():
+    result = {"lake_error": 50.0, "lake_ci": 5.0, "across_error": 40.0, "across_ci": 1.0}
+    result |= {"steps": 3, "train_seconds": 9.0}
+    ours = lr._table([result], False, 1.0, None, lr.FULL)
+    assert "NOT the official" in ours.columns[1] and "50.0 ± 5.0" in ours.rows[0]
+    assert any("not the same test" in n for n in ours.notes)
+    official = lr._table([], True, None, 10, lr.FULL)
+    assert "official 20 runs" in official.columns[1] and official.rows[0][1] is None
+    assert [r[1] for r in official.rows[1:]] == ["4.5", "3.3"]
+
+
+@pytest.mark.slow
+def test_omniglot_table_quick_fills_5w1s_then_reuses_its_cells(tmp_path):
+    options = Options(out=tmp_path, quick=True, data=shared_root())
+    report = run_experiment("omniglot-table", options)
+    acc, cost = report.tables
+    assert [r[0] for r in acc.rows] == list(ot.ALGORITHMS)
+    assert all(r[1] is not None and r[3] is None for r in acc.rows), "5w1s only, rest missing"
+    assert all(r[1] is not None for r in cost.rows) and MISSING in report.to_markdown()
+    for name in ("omniglot-table.md", "omniglot-table.json", "omniglot_table.png"):
+        assert (tmp_path / name).is_file(), name
+    result = report.info["results"]["5w1s"]["MAML"][0]
+    assert 0 <= result["accuracy"] <= 100 and result["tasks"] == ot.QUICK["tasks"]
+    checkpoint = tmp_path / "cells" / "omniglot-table" / "5w1s" / "MAML-seed0" / "checkpoint.pt"
+    before = checkpoint.stat().st_mtime_ns
+    again = run_experiment("omniglot-table", options)
+    assert checkpoint.stat().st_mtime_ns == before, "a finished cell is reused, not retrained"
+    assert again.tables[0].rows == acc.rows
+
+
+@pytest.mark.slow
+def test_leap_omniglot_quick(tmp_path):
+    report = run_experiment("leap-omniglot", Options(out=tmp_path, quick=True, data=shared_root()))
+    auc, error, cost = report.tables
+    assert [r[0] for r in auc.rows] == [*lo.ALGORITHMS, lo.BASELINE]
+    assert all(c is not None for r in auc.rows + error.rows for c in r)
+    assert len(set(auc.rows[-1][1:])) == 1, "no meta-training: one number for every column"
+    assert all(c.startswith("1 / ") for r in cost.rows for c in r[1:])
+    assert (tmp_path / "leap_omniglot.png").is_file()
+    cell = tmp_path / "cells" / "leap-omniglot" / "Leap-3-alphabets-seed0"
+    held = json.loads((cell / "held_out.json").read_text())
+    assert len(held["auc"]) == len(held["test_alphabets"]) == 10
+    assert len(held["curve"]) == lo.QUICK["sgd_steps"]
+
+
+@pytest.mark.slow
+def test_lake_runs_quick_builds_and_says_our_runs(tmp_path):
+    report = run_experiment("lake-runs", Options(out=tmp_path, quick=True, data=shared_root()))
+    assert not report.info["official_runs"]
+    assert "NOT the official" in report.tables[0].columns[1]
+    runs = tmp_path / "cells" / "lake-runs" / "our_runs"
+    assert len(list(runs.glob("run*/class_labels.txt"))) == 20
+    errors = report.info["results"][0]["lake_errors"]
+    assert len(errors) == 20 and all(abs(e / 5 - round(e / 5)) < 1e-6 for e in errors)
+    assert (tmp_path / "lake_runs.png").is_file()
