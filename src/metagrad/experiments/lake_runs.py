@@ -193,7 +193,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    fig = Figure(figsize=(9, 3.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     errors = results[0]["lake_errors"]
@@ -202,5 +202,5 @@ def _plot(results: list[dict[str, Any]], path: Path) -> Path:
     for (name, (error, _)), style in zip(PUBLISHED.items(), ("--", ":"), strict=True):
         ax.axhline(error, color="k", ls=style, label=f"{name} (official runs)")
     ax.set(xlabel="one-shot run", ylabel="error rate (%)", ylim=(0, 100), xticks=range(1, 21))
-    ax.legend(fontsize="x-small")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return save_figure(fig, path)
