@@ -3,7 +3,7 @@
 Run::
 
     METAGRAD_OMNIGLOT=../shared/data/omniglot python benchmarks/bench_distributed.py
-    python benchmarks/bench_distributed.py --presets sinusoid-maml --steps 200 --log-every 50
+    python benchmarks/bench_distributed.py --presets sinusoid-maml --steps 300 --log-every 50
 
 Each row is a real ``metagrad train`` run: one process with 1 and with 2 threads, then
 ``torchrun --standalone --nproc-per-node 2`` (1 thread per rank, torchrun's default). The step
