@@ -1,9 +1,11 @@
 """Inner solvers: adapt ``theta`` to a task's support set.
 
 A solver is a frozen dataclass called as ``solver(loss, init, batch, *, keys=None, record=False)``
-and returns :class:`~metagrad.Adapted`. It is written with ``torch.func`` only, so it is
-differentiable when called under an outer ``torch.func.grad`` (MAML) and builds no graph otherwise
-(FOMAML, Reptile, Leap, iMAML). No step reads a value back to the host.
+and returns :class:`~metagrad.Adapted`. Its gradients come from :mod:`metagrad._autodiff`: plain
+autograd outside ``torch.func`` transforms, ``torch.func`` inside them. Either way the result is
+differentiable when ``init`` carries a graph (MAML, under an outer ``torch.func.grad`` or on leaves
+that require grad) and no graph is built otherwise (FOMAML, Reptile, Leap, iMAML). No step reads
+a value back to the host.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metagrad import linalg, tree
+from metagrad import _autodiff, linalg, tree
 from metagrad._types import Adapted, Batch, LossFn, Params
 
 
@@ -86,7 +88,7 @@ class GradientDescent:
         f = lambda p: loss({**frozen, **p}, batch)  # noqa: E731
         losses, path, grads = [], [phi], []
         for _ in range(self.steps):
-            g, value = torch.func.grad_and_value(f)(phi)
+            g, value = _autodiff.grad_and_value(f)(phi)
             phi = tree.axpy(-self.lr, g, phi)
             losses.append(value)
             if record:
@@ -132,10 +134,8 @@ class NewtonCG:
         losses, path, grads = [], [phi], []
         ts = [2.0**-i for i in range(self.line_search)]
         for _ in range(self.steps):
-            g, value = torch.func.grad_and_value(f)(phi)
-            d, _ = linalg.cg(
-                lambda v, p=phi: linalg.hvp(f, p, v), tree.scale(g, -1.0), self.cg_steps
-            )
+            g, value, hvp = _autodiff.hessian_at(f, phi)
+            d, _ = linalg.cg(hvp, tree.scale(g, -1.0), self.cg_steps)
             descent = tree.vdot(g, d) < 0
             d = {k: torch.where(descent, d[k], -g[k]) for k in d}
             slope = tree.vdot(g, d)
