@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metagrad._autodiff import in_transform
+from metagrad._bn import batch_norm_relu
 from metagrad._types import Batch, Params
 
 __all__ = ["BatchNorm", "Conv4", "Loss", "MLP", "conv4_mini_imagenet", "loss_fn", "params_of"]
@@ -24,10 +26,12 @@ __all__ = ["BatchNorm", "Conv4", "Loss", "MLP", "conv4_mini_imagenet", "loss_fn"
 class BatchNorm(nn.Module):
     """Batch normalisation on batch statistics only (no running statistics), over every dim but 1.
 
-    ``y = w * (x - mean) / sqrt(var + eps) + b``, written from ``var_mean`` and ``addcmul`` so that
-    every order of derivative is exact, under ``vmap`` too (the native kernel's third derivative is
-    not). A channels-last input is reduced as a ``(rows, channels)`` matrix, which measured about
-    1.3x faster than reducing dims (0, 2, 3), second derivatives included.
+    ``y = w * (x - mean) / sqrt(var + eps) + b`` with every order of derivative exact, under
+    ``vmap`` too (the native kernel's third derivative is not, nor its second derivative under an
+    outer ``vmap``). On plain autograd it runs the native kernels forward and backward with a
+    closed-form double backward (:mod:`metagrad._bn`); inside ``torch.func`` transforms it is
+    written from ``var_mean`` and ``addcmul``. A channels-last input is normalised as a
+    ``(rows, channels)`` matrix, a free view.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
@@ -36,18 +40,25 @@ class BatchNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        """The normalised ``x``; with ``relu=True``, ``relu`` of it in the same pass."""
         if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1:  # channels last: a free view
-            rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-            return (
-                _affine_norm(rows, 0, self.weight, self.bias, self.eps)
-                .view(x.shape[0], x.shape[2], x.shape[3], x.shape[1])
-                .permute(0, 3, 1, 2)
-            )
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        dims = [d for d in range(x.dim()) if d != 1]
-        w, b = self.weight.view(shape), self.bias.view(shape)
-        return _affine_norm(x, dims, w, b, self.eps)
+            n, c, h, w = x.shape
+            rows = self._rows(x.permute(0, 2, 3, 1).reshape(-1, c), relu)
+            return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+        if x.dim() == 2:
+            return self._rows(x, relu)
+        return (
+            self._rows(x.movedim(1, -1).reshape(-1, x.shape[1]), relu)
+            .view(x.movedim(1, -1).shape)
+            .movedim(-1, 1)
+        )
+
+    def _rows(self, x: Tensor, relu: bool) -> Tensor:
+        if in_transform():
+            y = _affine_norm(x, 0, self.weight, self.bias, self.eps)
+            return torch.relu(y) if relu else y
+        return batch_norm_relu(x, self.weight, self.bias, self.eps, relu)
 
 
 def _affine_norm(x: Tensor, dims: int | list[int], w: Tensor, b: Tensor, eps: float) -> Tensor:
@@ -130,7 +141,12 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4 and not isinstance(self.body[0], _PatchConv2d):
             x = _channels_last(x)
-        return self.head(self.body(x))
+        for layer in self.body:
+            if isinstance(layer, BatchNorm):
+                x = layer(x, relu=True)  # each batch norm is followed by a ReLU: one pass for both
+            elif not isinstance(layer, nn.ReLU):
+                x = layer(x)
+        return self.head(x)
 
 
 def conv4_mini_imagenet(n_way: int = 5) -> Conv4:

@@ -1,0 +1,108 @@
+r"""Batch norm (and ReLU) on batch statistics: native kernels, exact derivatives of every order.
+
+The forward pass and the first backward pass call PyTorch's native kernels; the backward pass is
+itself an autograd function whose derivative (the double backward, which MAML's outer gradient
+runs through) is written below in closed form from differentiable operations, so third and higher
+derivatives are exact too (autograd differentiates the closed form). The native double backward
+is not used: its own derivative is wrong (relative error about 1 in torch 2.13).
+
+For one channel with :math:`N` rows, :math:`\hat x = (x - \mu) r`, :math:`r = (\sigma^2 +
+\epsilon)^{-1/2}`, :math:`y = \mathrm{relu}(w \hat x + b)` and the ReLU mask :math:`m`, the
+backward pass of :math:`g_z = m \odot g_y` is
+
+.. math::  g_b = \textstyle\sum g_z, \quad g_w = \sum g_z \hat x, \quad
+           g_x = w r \,(g_z - \bar g_z - \hat x\, c), \quad c = \overline{g_z \hat x}.
+
+Its vector-Jacobian product with :math:`(A, \alpha, \beta)` (for :math:`g_x, g_w, g_b`), with
+:math:`P = \sum A \hat x` and :math:`S = \sum A (g_z - \bar g_z)`, is
+
+.. math::  \partial g_z = w r (A - \bar A - \hat x P / N) + \alpha \hat x + \beta, \quad
+           \partial w = r (S - c P),
+.. math::  \partial x = r \left[(\alpha - w r P / N)(g_z - \bar g_z) - w r c (A - \bar A)
+           + \hat x \left(w r (3 c P - S) / N - \alpha c\right)\right].
+
+Measured on the 2-core CPU, second-order MAML with Conv4 (5-way 1-shot, 32 tasks, 1 step):
+0.82x the time of the batch norm written from ``var_mean`` and ``addcmul``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_aten = torch.ops.aten
+
+
+def _normalised(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(x_hat, r)`` of a ``(rows, channels)`` matrix, from differentiable operations."""
+    var, mean = torch.var_mean(x, 0, correction=0)
+    r = torch.rsqrt(var + eps)
+    return (x - mean) * r, r
+
+
+class _Backward(torch.autograd.Function):
+    """``(g_y, x, w) -> (g_x, g_w, g_b)``: native kernel forward, closed-form derivative."""
+
+    @staticmethod
+    def forward(gy, x, w, y, mean, rstd, eps):  # type: ignore[override]
+        gz = gy if y is None else _aten.threshold_backward(gy, y, 0)
+        mask = [True, True, True]
+        return _aten.native_batch_norm_backward(gz, x, w, None, None, mean, rstd, True, eps, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        gy, x, w, y, _, _, eps = inputs
+        ctx.save_for_backward(gy, x, w, y)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, a, alpha, beta):  # type: ignore[override]
+        gy, x, w, y = ctx.saved_tensors
+        n = x.shape[0]
+        mask = None if y is None else (y.detach() > 0).to(x.dtype)
+        gz = gy if mask is None else gy * mask
+        xh, r = _normalised(x, ctx.eps)
+        a = torch.zeros_like(x) if a is None else a
+        alpha = torch.zeros_like(w) if alpha is None else alpha
+        beta = torch.zeros_like(w) if beta is None else beta
+        gz_c = gz - gz.mean(0)
+        a_c = a - a.mean(0)
+        c = (gz * xh).mean(0)
+        p = (a * xh).sum(0)
+        s = (a * gz_c).sum(0)
+        wr = w * r
+        g_gz = wr * (a_c - xh * (p / n)) + alpha * xh + beta
+        g_w = r * (s - c * p)
+        g_x = r * (
+            (alpha - wr * p / n) * gz_c - wr * c * a_c + xh * (wr * (3 * c * p - s) / n - alpha * c)
+        )
+        g_gy = g_gz if mask is None else g_gz * mask
+        return g_gy, g_x, g_w, None, None, None, None
+
+
+class _BatchNormReLU(torch.autograd.Function):
+    """``relu(w x_hat + b)`` (or without the ReLU) of a ``(rows, channels)`` matrix."""
+
+    @staticmethod
+    def forward(x, w, b, eps, relu):  # type: ignore[override]
+        y, mean, rstd = _aten.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
+        return (y.relu_() if relu else y), mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, w, _, eps, relu = inputs
+        y, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, w, y if relu else None, mean, rstd)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, gy, _mean, _rstd):  # type: ignore[override]
+        x, w, y, mean, rstd = ctx.saved_tensors
+        gx, gw, gb = _Backward.apply(gy, x, w, y, mean, rstd, ctx.eps)
+        return gx, gw, gb, None, None
+
+
+def batch_norm_relu(x: Tensor, w: Tensor, b: Tensor, eps: float, relu: bool) -> Tensor:
+    """Batch norm over the rows of ``x`` (``(rows, channels)``), then a ReLU when ``relu``."""
+    return _BatchNormReLU.apply(x, w, b, eps, relu)[0]
