@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -113,7 +114,8 @@ def _all_reduce(buffer: torch.Tensor, what: str) -> None:
 
 
 def _peer_error(what: str, waited: float, error: BaseException) -> DistributedError:
-    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    detail = re.sub(r"^\[[^\]]*\] *", "", detail)[:160]  # gloo's "[source file:line]" prefix
     cause = (
         f"no answer within --dist-timeout {_timeout:g}s (a rank hung)"
         if "timed out" in detail.lower() or "timeout" in detail.lower()
