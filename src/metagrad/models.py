@@ -195,14 +195,24 @@ class Loss:
         return functional_call(self.model, (params, dict(self.model.named_buffers())), (x,))
 
     def __call__(self, params: Params, batch: Batch) -> Tensor:
+        return self._value(self.predict(params, batch.x), batch.y)
+
+    def value_and_accuracy(self, params: Params, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """The loss and, for classification, the (detached) accuracy, from one forward pass."""
         out = self.predict(params, batch.x)
+        if not self.is_classification:
+            return self._value(out, batch.y), None
+        accuracy = (out.detach().argmax(-1) == batch.y).to(batch.x.dtype).mean()
+        return self._value(out, batch.y), accuracy
+
+    def _value(self, out: Tensor, y: Tensor) -> Tensor:
         if self.kind == "cross_entropy":
-            return F.cross_entropy(out, batch.y)
+            return F.cross_entropy(out, y)
         if self.kind == "mse":
             # Written out: F.mse_loss's forward-over-reverse derivative (the Hessian-vector products
             # of iMAML and Newton-CG) fails in torch 2.13 ("ZeroTensors are immutable").
-            return ((out - batch.y) ** 2).mean()
-        return self.kind(out, batch.y)  # type: ignore[operator]
+            return ((out - y) ** 2).mean()
+        return self.kind(out, y)  # type: ignore[operator]
 
     @property
     def is_classification(self) -> bool:

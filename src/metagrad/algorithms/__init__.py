@@ -1,9 +1,10 @@
 """The estimators, their registry, and batching over a batch of tasks.
 
 ``meta_gradient(estimator, theta, tasks)`` averages the per-task meta-gradient over the tasks on
-dim 0 of ``tasks``: ``mode="loop"`` runs one task at a time (on a CPU the faster and far leaner
-mode, see ``benchmarks/``); ``mode="vmap"`` vectorises the tasks with ``torch.func.vmap``, in chunks
-of ``chunk`` tasks when given.
+dim 0 of ``tasks``: ``mode="loop"`` runs one task at a time on plain autograd (on a CPU the faster
+and far leaner mode, see ``benchmarks/bench_meta.py`` and ``docs/PERFORMANCE.md``);
+``mode="vmap"`` vectorises the tasks with ``torch.func.vmap``, in chunks of ``chunk`` tasks when
+given.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from metagrad import tree
+from metagrad import _fast, tree
 from metagrad._types import InnerSolver, LossFn, Metrics, Params, Task
 from metagrad.algorithms._base import Estimator, check_finite, check_task
 from metagrad.algorithms.imaml import IMAML
@@ -77,7 +78,7 @@ def meta_gradient(
     if mode == "loop":
         total, per_task = None, []
         for i in range(n):
-            grad, metrics = estimator.meta_grad(theta, task_at(tasks, i))
+            grad, metrics = _fast.meta_grad(estimator, theta, task_at(tasks, i))
             total = grad if total is None else tree.add(total, grad)
             per_task.append(metrics)
         grads = tree.scale(total, 1.0 / n)
