@@ -1,0 +1,339 @@
+"""Meta-gradient speed, memory and agreement: metagrad's estimators against other MAML libraries.
+
+The workload of issue 6: one meta-iteration (the mean meta-gradient of B tasks, then an Adam step)
+on Omniglot-shaped random tasks (N-way K-shot, 15 queries per class, 1x28x28), the standard Conv4,
+inner SGD at lr 0.4. Every metagrad estimator runs through ``mg.meta_gradient`` with its defaults;
+second-order MAML also runs in ``higher`` and ``torchopt`` (when installed: the ``bench`` extra) and
+as a plain ``functional_call`` + ``torch.autograd.grad(create_graph=True)`` loop, these on the
+usual PyTorch Conv4 (``nn.Conv2d``, ``nn.BatchNorm2d(track_running_stats=False)``), and the plain
+loop also on ``mg.models.Conv4``. Repetitions are interleaved (every implementation once per
+round); the tables give medians and each one's speed-up over the fastest other library.
+
+    python benchmarks/bench_meta.py                  # the four configs, 5 rounds, check, memory
+    python benchmarks/bench_meta.py --quick          # a tiny smoke run
+    python benchmarks/bench_meta.py --configs 20w5s-b16-s5 --impls maml,plain --reps 3
+
+``--check`` (on by default) recomputes the MAML meta-gradient of every implementation in float64
+on the same weights and 2 tasks of each config and requires a relative difference below 1e-6
+from the plain loop. ``--memory`` runs each point once in a fresh process and reports the peak
+resident-memory increase over the process's state before the meta-iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import metagrad as mg
+
+
+@dataclass(frozen=True)
+class Config:
+    ways: int
+    shots: int
+    tasks: int
+    steps: int
+    queries: int = 15
+
+
+CONFIGS = {
+    "5w1s-b32-s1": Config(5, 1, 32, 1),
+    "5w1s-b32-s5": Config(5, 1, 32, 5),
+    "20w1s-b16-s5": Config(20, 1, 16, 5),
+    "20w5s-b16-s5": Config(20, 5, 16, 5),
+    "quick": Config(3, 1, 2, 1, queries=2),
+}
+LR = 0.4
+ESTIMATORS = ["maml", "fomaml", "anil", "reptile", "leap", "imaml-gd", "imaml-hf"]
+LIBRARIES = ["plain", "higher", "torchopt"]
+IMPLS = ESTIMATORS + LIBRARIES + ["plain-mg-conv4"]
+SECOND_ORDER = ["maml", *LIBRARIES, "plain-mg-conv4"]  # the same meta-gradient
+Run = Callable[[], list[Tensor]]
+
+
+def installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def make_tasks(cfg: Config, dtype: torch.dtype, seed: int = 0) -> mg.Task:
+    """Random Omniglot-shaped tasks: support and query images for each of ``ways`` classes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def batch(per_class: int) -> mg.Batch:
+        x = torch.randn(cfg.tasks, cfg.ways * per_class, 1, 28, 28, generator=g, dtype=dtype)
+        y = torch.arange(cfg.ways).repeat_interleave(per_class).expand(cfg.tasks, -1)
+        return mg.Batch(x, y.contiguous())
+
+    return mg.Task(batch(cfg.shots), batch(cfg.queries))
+
+
+def standard_conv4(ways: int, hidden: int = 64) -> nn.Sequential:
+    """The Conv4 a user of the other libraries writes: native batch norm, default layout."""
+    layers: list[nn.Module] = []
+    channels = 1
+    for _ in range(4):
+        layers += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1)]
+        layers += [nn.BatchNorm2d(hidden, track_running_stats=False), nn.ReLU()]
+        channels = hidden
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(hidden * 4, ways))
+
+
+def load(model: nn.Module, init: list[Tensor]) -> nn.Module:
+    """``model`` with ``init`` copied into its parameters, in order (the Conv4s agree on it)."""
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), init, strict=True):
+            p.copy_(v)
+    return model
+
+
+def estimator(name: str, loss: mg.Loss, steps: int) -> mg.Estimator:
+    gd = mg.GradientDescent(lr=LR, steps=steps)
+    return {
+        "maml": lambda: mg.MAML(loss, gd),
+        "fomaml": lambda: mg.MAML(loss, gd, first_order=True),
+        "anil": lambda: mg.ANIL(loss, gd, head=("head.",)),
+        "reptile": lambda: mg.Reptile(loss, gd),
+        "leap": lambda: mg.Leap(loss, gd),
+        "imaml-gd": lambda: mg.IMAML(loss, gd, lam=2.0, cg_steps=5),
+        "imaml-hf": lambda: mg.IMAML(loss, mg.NewtonCG(steps=steps, cg_steps=5), lam=2.0),
+    }[name]()
+
+
+def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Run, list[Tensor]]:
+    """``(run, params)``: ``run()`` returns the mean meta-gradient, in ``params``' order."""
+    n, steps = cfg.tasks, cfg.steps
+    (xs, ys), (xq, yq) = tasks
+    if name in ESTIMATORS:
+        model = load(mg.models.Conv4(1, cfg.ways).to(init[0].dtype), init)
+        theta = mg.params_of(model)
+        est = estimator(name, mg.loss_fn(model, "cross_entropy"), steps)
+        return lambda: list(mg.meta_gradient(est, theta, tasks)[0].values()), list(theta.values())
+    if name in ("plain", "plain-mg-conv4"):
+        conv4 = standard_conv4 if name == "plain" else lambda w: mg.models.Conv4(1, w)
+        model = load(conv4(cfg.ways).to(init[0].dtype), init)
+        theta = dict(model.named_parameters())
+
+        def plain() -> list[Tensor]:
+            total = [torch.zeros_like(v) for v in theta.values()]
+            for i in range(n):
+                phi = theta
+                for _ in range(steps):
+                    loss = F.cross_entropy(functional_call(model, phi, (xs[i],)), ys[i])
+                    g = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+                    phi = {k: v - LR * gk for (k, v), gk in zip(phi.items(), g, strict=True)}
+                loss = F.cross_entropy(functional_call(model, phi, (xq[i],)), yq[i])
+                for t, g in zip(
+                    total, torch.autograd.grad(loss, list(theta.values())), strict=True
+                ):
+                    t.add_(g, alpha=1.0 / n)
+            return total
+
+        return plain, list(theta.values())
+    model = load(standard_conv4(cfg.ways).to(init[0].dtype), init)
+    params = list(model.parameters())
+    if name == "higher":
+        import higher
+
+        inner_opt = torch.optim.SGD(params, lr=LR)
+
+        def run_higher() -> list[Tensor]:
+            for i in range(n):
+                with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (
+                    fm,
+                    opt,
+                ):
+                    for _ in range(steps):
+                        opt.step(F.cross_entropy(fm(xs[i]), ys[i]))
+                    (F.cross_entropy(fm(xq[i]), yq[i]) / n).backward()
+            return take_grads(params)
+
+        return run_higher, params
+    if name == "torchopt":
+        import torchopt
+
+        meta_opt = torchopt.MetaSGD(model, lr=LR)
+        state = torchopt.extract_state_dict(model)
+        opt_state = torchopt.extract_state_dict(meta_opt)
+
+        def run_torchopt() -> list[Tensor]:
+            for i in range(n):
+                for _ in range(steps):
+                    meta_opt.step(F.cross_entropy(model(xs[i]), ys[i]))
+                (F.cross_entropy(model(xq[i]), yq[i]) / n).backward()
+                torchopt.recover_state_dict(model, state)
+                torchopt.recover_state_dict(meta_opt, opt_state)
+            return take_grads(params)
+
+        return run_torchopt, params
+    raise ValueError(f"unknown implementation {name!r}: choose from {IMPLS}")
+
+
+def take_grads(params: list[Tensor]) -> list[Tensor]:
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def initial(cfg: Config, dtype: torch.dtype, seed: int = 0) -> list[Tensor]:
+    torch.manual_seed(seed)
+    return [p.detach().to(dtype) for p in mg.models.Conv4(1, cfg.ways).parameters()]
+
+
+def available(impls: list[str]) -> list[str]:
+    return [i for i in impls if i not in ("higher", "torchopt") or installed(i)]
+
+
+def check(cfg: Config, impls: list[str]) -> dict[str, float]:
+    """Relative difference of each second-order implementation from the plain loop, float64."""
+    small = Config(cfg.ways, cfg.shots, 2, cfg.steps, cfg.queries)
+    tasks, init = make_tasks(small, torch.float64, seed=1), initial(small, torch.float64, seed=1)
+    ref = make("plain", small, tasks, init)[0]()
+    out = {}
+    for name in [i for i in impls if i in SECOND_ORDER]:
+        g = make(name, small, tasks, init)[0]()
+        num = sum(float(((a - b) ** 2).sum()) for a, b in zip(g, ref, strict=True))
+        out[name] = (num / sum(float((b**2).sum()) for b in ref)) ** 0.5
+    return out
+
+
+def meta_iteration(run: Run, params: list[Tensor], opt: torch.optim.Optimizer) -> None:
+    for p, g in zip(params, run(), strict=True):
+        p.grad = g
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def time_config(cfg: Config, impls: list[str], reps: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per meta-iteration (wall and process CPU), every implementation once per round."""
+    tasks, init = make_tasks(cfg, torch.float32), initial(cfg, torch.float32)
+    runs = {}
+    for name in impls:
+        run, params = make(name, cfg, tasks, init)
+        runs[name] = (run, params, torch.optim.Adam(params, lr=1e-3))
+        meta_iteration(*runs[name])  # warm-up
+    times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in impls}
+    for r in range(reps):
+        order = impls[r % len(impls) :] + impls[: r % len(impls)]  # rotate who goes first
+        for name in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            meta_iteration(*runs[name])
+            times[name]["wall"].append(time.perf_counter() - t0)
+            times[name]["cpu"].append(time.process_time() - c0)
+    return times
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def memory_point(cfg: Config, name: str) -> float:
+    """Peak resident memory increase (MB) of one meta-iteration, in this (fresh) process."""
+    tasks, init = make_tasks(cfg, torch.float32), initial(cfg, torch.float32)
+    run, params = make(name, cfg, tasks, init)
+    opt = torch.optim.Adam(params, lr=1e-3)
+    try:  # reset the peak (VmHWM) to the current resident size
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_mb("VmRSS")
+        meta_iteration(run, params, opt)
+        return _status_mb("VmHWM") - before
+    except OSError:  # no /proc: the peak since the start (ru_maxrss is in KB on Linux)
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        meta_iteration(run, params, opt)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+
+
+def memory_in_subprocess(cfg: Config, name: str, threads: int | None) -> float:
+    spec = json.dumps(cfg.__dict__)
+    cmd = [sys.executable, __file__, "--worker", name, "--worker-config", spec]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def report(name: str, cfg: Config, times: dict, errors: dict, memory: dict) -> str:
+    libs = [k for k in LIBRARIES if k in times]
+    best = min((median(times[k]["wall"]) for k in libs), default=None)
+    lines = [
+        f"\n### {name}: {cfg.ways}-way {cfg.shots}-shot, B={cfg.tasks}, S={cfg.steps}\n",
+        "| implementation | wall s (median) | CPU s (median) | speed-up vs fastest library |"
+        " float64 rel. diff vs plain | peak memory MB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for k, t in times.items():
+        w, c = median(t["wall"]), median(t["cpu"])
+        ratio = f"{best / w:.2f}x" if best else "-"
+        err = f"{errors[k]:.1e}" if k in errors else "-"
+        mem = f"{memory[k]:.0f}" if k in memory else "-"
+        lines.append(f"| {k} | {w:.3f} | {c:.3f} | {ratio} | {err} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", default=",".join(c for c in CONFIGS if c != "quick"))
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="tiny config, 1 round: a smoke run")
+    p.add_argument("--no-check", dest="check", action="store_false")
+    p.add_argument("--memory", action="store_true")
+    p.add_argument("--json", default=None, help="also write the raw timings here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.worker:
+        print(memory_point(Config(**json.loads(a.worker_config)), a.worker))
+        return 0
+    configs = ["quick"] if a.quick else a.configs.split(",")
+    reps = 1 if a.quick else a.reps
+    impls = available(a.impls.split(","))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, impls: {impls}")
+    results, failed = {}, []
+    for name in configs:
+        cfg = CONFIGS[name]
+        errors = check(cfg, impls) if a.check else {}
+        failed += [f"{name}/{k}: {e:.1e}" for k, e in errors.items() if not e < 1e-6]
+        times = time_config(cfg, impls, reps)
+        memory = {k: memory_in_subprocess(cfg, k, a.threads) for k in impls} if a.memory else {}
+        print(report(name, cfg, times, errors, memory), flush=True)
+        results[name] = {"times": times, "errors": errors, "memory": memory}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(
+                {"torch": torch.__version__, "threads": torch.get_num_threads(), **results}, f
+            )
+    if failed:
+        print("meta-gradients disagree (relative difference >= 1e-6):", *failed, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The benchmark scripts run in their quick mode and their float64 agreement check passes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared CPU: two threads can be many times slower
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_and_check(one_thread, capsys):
+    bench = _load("bench_meta")
+    assert bench.main(["--quick", "--impls", "maml,plain,plain-mg-conv4", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| maml |" in out and "| plain |" in out
+
+
+def test_check_catches_a_wrong_meta_gradient(one_thread, monkeypatch):
+    bench = _load("bench_meta")
+    cfg = bench.CONFIGS["quick"]
+    honest = bench.make
+
+    def wrong(name, *args):
+        run, params = honest(name, *args)
+        return (lambda: [g * 1.001 for g in run()]) if name == "maml" else run, params
+
+    monkeypatch.setattr(bench, "make", wrong)
+    errors = bench.check(cfg, ["maml", "plain"])
+    assert errors["plain"] == 0.0 and errors["maml"] > 1e-4
+
+
+@pytest.mark.slow
+def test_quick_run_of_every_implementation_with_memory(one_thread, capsys):
+    bench = _load("bench_meta")
+    assert bench.main(["--quick", "--threads", "1", "--memory"]) == 0  # the check passes too
+    out = capsys.readouterr().out
+    for name in bench.available(bench.IMPLS):
+        assert f"| {name} |" in out
+
+
+@pytest.mark.slow
+def test_memory_script_quick(one_thread, capsys):
+    memory = _load("bench_memory")
+    args = ["--steps", "1,2", "--impls", "imaml-gd", "--ways", "3", "--shots", "1", "--tasks", "1"]
+    assert memory.main([*args, "--threads", "1"]) == 0
+    assert "| 2 |" in capsys.readouterr().out
