@@ -94,9 +94,14 @@ def test_compute_memory_quick(tmp_path):
     assert all(c is not None and c >= 0 for c in _cells(report, 1))
     maml = report.info["points"]["MAML"]
     assert maml["3"]["peak_mb"] > 1.3 * maml["1"]["peak_mb"], "MAML keeps every step's graph"
-    saved = json.loads((tmp_path / "cells" / "compute-memory" / "MAML-S1.json").read_text())
+    cell = tmp_path / "cells" / "compute-memory" / "MAML-S1.json"
+    saved = json.loads(cell.read_text())
     assert saved["spec"]["config"]["algo"]["inner_steps"] == 1
     assert (tmp_path / "compute_memory.png").is_file()
+    before = cell.stat().st_mtime_ns
+    again = run_experiment("compute-memory", Options(out=tmp_path, quick=True))
+    assert cell.stat().st_mtime_ns == before, "a measured point is reused"
+    assert again.tables[1].rows == memory.rows
 
 
 def test_compute_memory_points_past_the_budget_are_missing(tmp_path):

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ def load_json(path: str | Path) -> dict[str, Any] | None:
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:
-    """The machine an experiment ran on: CPU model and cores (or GPU), torch, Python."""
+    """The machine an experiment ran on: CPU model and cores (or GPU), torch, Python, commit."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -149,7 +150,24 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     }
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    info["commit"] = _commit()
     return info
+
+
+def _commit() -> str | None:
+    """The git commit of the metagrad source tree (``+dirty`` with local edits), if in one."""
+    here = Path(__file__).resolve().parent
+    try:
+        run = lambda *a: subprocess.run(  # noqa: E731
+            ["git", *a], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        head = run("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", str(here.parent))
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 90) -> Path:

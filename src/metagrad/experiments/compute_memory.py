@@ -182,6 +182,7 @@ def run(options: Options) -> Report:
         config = point_config(name, s, setting, options.device)
         spec = {"config": config.to_dict(), "tasks": str(cells / "tasks.pt")}
         spec.update(device=options.device, repeats=setting["repeats"], images=images)
+        spec = json.loads(json.dumps(spec))  # as saved (tuples become lists), to compare
         result = load_json(cells / f"{name}-S{s}.json")
         if result is not None and result["spec"] == spec:
             results.setdefault(name, {})[s] = result
