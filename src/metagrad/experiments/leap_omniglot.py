@@ -163,7 +163,15 @@ def run(options: Options) -> Report:
     changes = {"root": str(options.data)} if options.data is not None else {}
     scores: dict[str, dict[int, list]] = {}
     costs: dict[str, dict[int, str]] = {}
-    failed = []
+    failed: list[str] = []
+    info = {
+        "machine": machine(options.device),
+        "budget_minutes": minutes,
+        "steps": steps,
+        "seeds": len(seeds),
+        "sgd_steps": budget["sgd_steps"],
+        "scores": scores,
+    }
     for seed in seeds:
         base = cell_config("Leap", 1, seed, options.device, options.quick)
         base = data_root(base.override(**changes))
@@ -189,15 +197,19 @@ def run(options: Options) -> Report:
                 cost = f"{config.optim.steps} / {train_seconds(path):.0f} s"
                 mine = costs.setdefault(name, {})
                 mine[n] = f"{mine[n]} + {cost}" if n in mine else cost
-    info = {
-        "machine": machine(options.device),
-        "wall_seconds": round(time.perf_counter() - start, 1),
-        "budget_minutes": minutes,
-        "steps": steps,
-        "seeds": len(seeds),
-        "sgd_steps": budget["sgd_steps"],
-        "scores": scores,
-    }
+                info["wall_seconds"] = round(time.perf_counter() - start, 1)
+                _report(options, info, costs, failed).save(options.out)  # partial, at once
+    info["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return _report(options, info, costs, failed)
+
+
+def _report(
+    options: Options, info: dict[str, Any], costs: dict[str, dict[int, str]], failed: list[str]
+) -> Report:
+    """The AUC, final-error and budget tables and the figure, from the runs scored so far."""
+    budget = QUICK if options.quick else FULL
+    scores, steps, minutes = info["scores"], info["steps"], info["budget_minutes"]
+    seeds = range(info["seeds"])
     what = f"{steps} meta-steps" if steps else f"{minutes:g} min of training"
     notes = [
         f"Meta-training: {what} per run, {budget['inner_steps']} inner steps, meta-batch "
@@ -209,22 +221,22 @@ def run(options: Options) -> Report:
     ] + [f"Diverged (missing): {f}" for f in failed]
     alphabets = sorted(budget["alphabets"])
     tables = []
-    for key, title, scale in (
-        ("auc", "Held-out training-loss AUC (lower is better)", 1.0),
-        ("error", "Held-out final test error (%)", 100.0),
+    for key, title, scale, fmt in (
+        ("auc", "Held-out training-loss AUC (lower is better)", 1.0, "{:.3f} ± {:.3f}"),
+        ("error", "Held-out final test error (%)", 100.0, "{:.1f} ± {:.1f}"),
     ):
         columns = ["meta-training"] + [str(n) for n in alphabets]
         table = Table(f"leap_{key}", title, columns, notes=notes)
         for name in [*ALGORITHMS, BASELINE]:
             got = scores.get(name, {})
             if name == BASELINE and got:
-                text = "{:.3f} ± {:.3f}".format(*_summary(got[0], key, scale))
+                text = fmt.format(*_summary(got[0], key, scale))
                 table.rows.append([name] + [text] * len(alphabets))
                 continue
             table.rows.append(
                 [name]
                 + [
-                    "{:.3f} ± {:.3f}".format(*_summary(got[n], key, scale)) if n in got else None
+                    fmt.format(*_summary(got[n], key, scale)) if n in got else None
                     for n in alphabets
                 ]
             )
