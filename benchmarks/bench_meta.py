@@ -24,19 +24,23 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-import metagrad as mg
+# Benchmark this checkout, whichever copy of metagrad is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import metagrad as mg  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,21 @@ def memory_in_subprocess(cfg: Config, name: str, threads: int | None) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def machine() -> str:
+    """CPU model, cores, torch version and threads, and the load average (the CPU is shared)."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {load}"
+    )
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -314,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = ["quick"] if a.quick else a.configs.split(",")
     reps = 1 if a.quick else a.reps
     impls = available(a.impls.split(","))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, impls: {impls}")
+    print(machine(), f"impls: {impls}", sep="\n")
     results, failed = {}, []
     for name in configs:
         cfg = CONFIGS[name]
@@ -323,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         times = time_config(cfg, impls, reps)
         memory = {k: memory_in_subprocess(cfg, k, a.threads) for k in impls} if a.memory else {}
         print(report(name, cfg, times, errors, memory), flush=True)
+        print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
         results[name] = {"times": times, "errors": errors, "memory": memory}
     if a.json:
         with open(a.json, "w") as f:

@@ -33,6 +33,21 @@ from torch import Tensor
 _aten = torch.ops.aten
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``(N, C, ...)`` as ``(rows, C)``: a view for channels-last and 2-d tensors."""
+    return t if t.dim() == 2 else t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _unrows(rows: Tensor, like: Tensor) -> Tensor:
+    return rows if like.dim() == 2 else rows.view(like.movedim(1, -1).shape).movedim(-1, 1)
+
+
+def _native_backward(gy, x, w, y, mean, rstd, eps):  # type: ignore[no-untyped-def]
+    gz = gy if y is None else _aten.threshold_backward(gy, y, 0)
+    mask = [True, True, True]
+    return _aten.native_batch_norm_backward(gz, x, w, None, None, mean, rstd, True, eps, mask)
+
+
 def _normalised(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``(x_hat, r)`` of a ``(rows, channels)`` matrix, from differentiable operations."""
     var, mean = torch.var_mean(x, 0, correction=0)
@@ -45,9 +60,7 @@ class _Backward(torch.autograd.Function):
 
     @staticmethod
     def forward(gy, x, w, y, mean, rstd, eps):  # type: ignore[override]
-        gz = gy if y is None else _aten.threshold_backward(gy, y, 0)
-        mask = [True, True, True]
-        return _aten.native_batch_norm_backward(gz, x, w, None, None, mean, rstd, True, eps, mask)
+        return _native_backward(gy, x, w, y, mean, rstd, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
@@ -57,12 +70,13 @@ class _Backward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, a, alpha, beta):  # type: ignore[override]
-        gy, x, w, y = ctx.saved_tensors
+        gy, x4, w, y = ctx.saved_tensors
+        x = _rows(x4)
         n = x.shape[0]
-        mask = None if y is None else (y.detach() > 0).to(x.dtype)
-        gz = gy if mask is None else gy * mask
+        mask = None if y is None else (_rows(y).detach() > 0).to(x.dtype)
+        gz = _rows(gy) if mask is None else _rows(gy) * mask
         xh, r = _normalised(x, ctx.eps)
-        a = torch.zeros_like(x) if a is None else a
+        a = torch.zeros_like(x) if a is None else _rows(a)
         alpha = torch.zeros_like(w) if alpha is None else alpha
         beta = torch.zeros_like(w) if beta is None else beta
         gz_c = gz - gz.mean(0)
@@ -77,11 +91,11 @@ class _Backward(torch.autograd.Function):
             (alpha - wr * p / n) * gz_c - wr * c * a_c + xh * (wr * (3 * c * p - s) / n - alpha * c)
         )
         g_gy = g_gz if mask is None else g_gz * mask
-        return g_gy, g_x, g_w, None, None, None, None
+        return _unrows(g_gy, x4), _unrows(g_x, x4), g_w, None, None, None, None
 
 
 class _BatchNormReLU(torch.autograd.Function):
-    """``relu(w x_hat + b)`` (or without the ReLU) of a ``(rows, channels)`` matrix."""
+    """``relu(w x_hat + b)`` (or without the ReLU), normalised over every dim but 1."""
 
     @staticmethod
     def forward(x, w, b, eps, relu):  # type: ignore[override]
@@ -99,10 +113,13 @@ class _BatchNormReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, _mean, _rstd):  # type: ignore[override]
         x, w, y, mean, rstd = ctx.saved_tensors
-        gx, gw, gb = _Backward.apply(gy, x, w, y, mean, rstd, ctx.eps)
+        if torch.is_grad_enabled():  # create_graph: the backward must be differentiable
+            gx, gw, gb = _Backward.apply(gy, x, w, y, mean, rstd, ctx.eps)
+        else:
+            gx, gw, gb = _native_backward(gy, x, w, y, mean, rstd, ctx.eps)
         return gx, gw, gb, None, None
 
 
 def batch_norm_relu(x: Tensor, w: Tensor, b: Tensor, eps: float, relu: bool) -> Tensor:
-    """Batch norm over the rows of ``x`` (``(rows, channels)``), then a ReLU when ``relu``."""
+    """Batch norm of ``x`` (``(N, C, ...)``) over every dim but 1, then a ReLU when ``relu``."""
     return _BatchNormReLU.apply(x, w, b, eps, relu)[0]

@@ -42,23 +42,20 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: Tensor, relu: bool = False) -> Tensor:
         """The normalised ``x``; with ``relu=True``, ``relu`` of it in the same pass."""
+        if not in_transform():
+            return batch_norm_relu(x, self.weight, self.bias, self.eps, relu)
         if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1:  # channels last: a free view
             n, c, h, w = x.shape
             rows = self._rows(x.permute(0, 2, 3, 1).reshape(-1, c), relu)
             return rows.view(n, h, w, c).permute(0, 3, 1, 2)
-        if x.dim() == 2:
-            return self._rows(x, relu)
-        return (
-            self._rows(x.movedim(1, -1).reshape(-1, x.shape[1]), relu)
-            .view(x.movedim(1, -1).shape)
-            .movedim(-1, 1)
-        )
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        dims = [d for d in range(x.dim()) if d != 1]
+        y = _affine_norm(x, dims, self.weight.view(shape), self.bias.view(shape), self.eps)
+        return torch.relu(y) if relu else y
 
     def _rows(self, x: Tensor, relu: bool) -> Tensor:
-        if in_transform():
-            y = _affine_norm(x, 0, self.weight, self.bias, self.eps)
-            return torch.relu(y) if relu else y
-        return batch_norm_relu(x, self.weight, self.bias, self.eps, relu)
+        y = _affine_norm(x, 0, self.weight, self.bias, self.eps)
+        return torch.relu(y) if relu else y
 
 
 def _affine_norm(x: Tensor, dims: int | list[int], w: Tensor, b: Tensor, eps: float) -> Tensor:
