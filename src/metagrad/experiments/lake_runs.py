@@ -50,8 +50,8 @@ DESCRIPTION = (
 
 PRESET = "omniglot-20w1s-maml"
 PUBLISHED = {
-    "human": (4.5, "Lake, Salakhutdinov & Tenenbaum 2015 (Science), Fig. 3: people"),
-    "Bayesian Program Learning": (3.3, "Lake, Salakhutdinov & Tenenbaum 2015 (Science), Fig. 3"),
+    "human": (4.5, "Lake, Salakhutdinov & Tenenbaum 2015 (Science), one-shot classification"),
+    "Bayesian Program Learning": (3.3, "Lake, Salakhutdinov & Tenenbaum 2015 (Science), BPL"),
 }
 """Published error rates (%) on the official 20 runs, with their source."""
 
