@@ -55,8 +55,8 @@ PUBLISHED = {
 }
 """Published error rates (%) on the official 20 runs, with their source."""
 
-FULL = {"minutes": 15.0, "tasks": 600}
-QUICK = {"steps": 2, "tasks": 10, "meta_batch": 2}
+FULL: dict[str, Any] = {"minutes": 15.0, "tasks": 600}
+QUICK: dict[str, Any] = {"steps": 2, "tasks": 10, "meta_batch": 2}
 
 
 def cell_config(seed: int = 0, device: str = "cpu") -> Config:
@@ -82,8 +82,9 @@ def per_run_errors(path: Path, runs: Path) -> list[float]:
     """The error (%) of the run in ``path`` on each one-shot run, with its test-time steps."""
     run = load_run(path)
     with torch_settings(run.config):
+        one_shot = LakeRuns(runs)
         errors = []
-        for task in LakeRuns(runs):
+        for task in (one_shot[i] for i in range(len(one_shot))):
             phi = run.estimator.adapt(run.params, task.support)
             with torch.no_grad():
                 errors.append(100 * (1 - float(run.estimator.loss.accuracy(phi, task.query))))

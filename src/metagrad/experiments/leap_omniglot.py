@@ -54,8 +54,20 @@ ALGORITHMS = {"Leap": "leap", "Reptile": "reptile", "FOMAML": "fomaml", "MAML": 
 BASELINE = "no meta-training"
 ALPHABETS = (1, 25, 5, 15, 3, 10, 20)
 """Training alphabet counts, coarse to fine, so that a partial sweep already spans the range."""
-FULL = {"alphabets": ALPHABETS, "minutes": 2.0, "sgd_steps": 100, "inner_steps": 5, "batch": 5}
-QUICK = {"alphabets": (1, 3), "steps": 1, "sgd_steps": 5, "inner_steps": 1, "batch": 1}
+FULL: dict[str, Any] = {
+    "alphabets": ALPHABETS,
+    "minutes": 2.0,
+    "sgd_steps": 100,
+    "inner_steps": 5,
+    "batch": 5,
+}
+QUICK: dict[str, Any] = {
+    "alphabets": (1, 3),
+    "steps": 1,
+    "sgd_steps": 5,
+    "inner_steps": 1,
+    "batch": 1,
+}
 SGD_LR, SGD_BATCH = 0.1, 20
 
 
@@ -269,8 +281,8 @@ def _plots(scores: dict[str, dict[int, list]], alphabets: list[int], out: Path) 
             left.axhspan(mean - ci, mean + ci, color=color, alpha=0.1)
         elif got:
             ns = [n for n in alphabets if n in got]
-            mean, ci = zip(*(_summary(got[n], "auc") for n in ns), strict=True)
-            left.errorbar(ns, mean, yerr=ci, color=color, marker="o", capsize=2, label=name)
+            means, cis = zip(*(_summary(got[n], "auc") for n in ns), strict=True)
+            left.errorbar(ns, means, yerr=cis, color=color, marker="o", capsize=2, label=name)
         which = 0 if name == BASELINE else largest
         if got and which in got:
             curve = np.mean([r["curve"] for r in got[which]], axis=0)

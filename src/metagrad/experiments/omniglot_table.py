@@ -77,8 +77,8 @@ PUBLISHED: dict[str, tuple[dict[tuple[int, int], float], str, bool]] = {
 }
 """Published test accuracy (%) -> (numbers by (ways, shots), source, sure). Leap reports none."""
 
-QUICK = {"minutes": 0.02, "tasks": 5, "meta_batch": 4, "settings": ((5, 1),)}
-FULL = {"minutes": 15.0, "tasks": 600}
+QUICK: dict[str, Any] = {"minutes": 0.02, "tasks": 5, "meta_batch": 4, "settings": ((5, 1),)}
+FULL: dict[str, Any] = {"minutes": 15.0, "tasks": 600}
 
 
 def cell_config(name: str, ways: int, shots: int, seed: int = 0, device: str = "cpu") -> Config:
@@ -115,7 +115,7 @@ def step_seconds(config: Config, tasks: int = 2) -> float:
             start = time.perf_counter()
             batch = source.sample("train", n, g)
             batch = mg.Task(*(type(b)(*(t.to(device) for t in b)) for b in batch))
-            mg.meta_gradient(estimator, theta, batch, mode=config.algo.mode)
+            mg.meta_gradient(estimator, theta, batch, mode=config.algo.mode)  # type: ignore[arg-type]
             elapsed.append(time.perf_counter() - start)
     return elapsed[1] / k * config.optim.meta_batch
 
@@ -201,7 +201,8 @@ def report(options: Options, results: dict[str, dict[str, list]], info: dict[str
         notes=["Training seconds from the run's own log (steps over steps per second)."],
     )
     for name in ALGORITHMS:
-        row, costs = [name], [name]
+        row: list[str | None] = [name]
+        costs: list[str | None] = [name]
         for (w, s), key in zip(SETTINGS, settings, strict=True):
             cells = results.get(key, {}).get(name)
             row += [_summary(cells) if cells else None, _paper(name, (w, s))]
