@@ -63,8 +63,14 @@ ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
     "iMAML-GD": ("omniglot-20w5s-imaml-gd", {}),
     "iMAML-HF": ("omniglot-20w5s-imaml-hf", {}),
 }
-FULL = {"ways": 20, "shots": 5, "steps": (1, 5, 10, 20, 40), "meta_batch": 1, "repeats": 2}
-QUICK = {"ways": 5, "shots": 1, "steps": (1, 3), "meta_batch": 1, "repeats": 1}
+FULL: dict[str, Any] = {
+    "ways": 20,
+    "shots": 5,
+    "steps": (1, 5, 10, 20, 40),
+    "meta_batch": 1,
+    "repeats": 2,
+}
+QUICK: dict[str, Any] = {"ways": 5, "shots": 1, "steps": (1, 3), "meta_batch": 1, "repeats": 1}
 BUDGET_MINUTES = 20.0
 
 
@@ -107,7 +113,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     def iteration(batch: mg.Task) -> float:
         start = time.perf_counter()
-        grads, _ = mg.meta_gradient(estimator, theta, batch, mode=config.algo.mode)
+        grads, _ = mg.meta_gradient(estimator, theta, batch, mode=config.algo.mode)  # type: ignore[arg-type]
         for k, p in theta.items():
             p.grad = grads[k]
         optimizer.step()

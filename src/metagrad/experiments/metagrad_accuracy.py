@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,8 +49,8 @@ DESCRIPTION = (
 )
 
 DIM, SUPPORT, QUERY, LAM = 50, 25, 50, 1.0
-FULL = {"tasks": 20, "steps": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)}
-QUICK = {"tasks": 4, "steps": (1, 4, 16, 64)}
+FULL: dict[str, Any] = {"tasks": 20, "steps": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)}
+QUICK: dict[str, Any] = {"tasks": 4, "steps": (1, 4, 16, 64)}
 PAPER_CG = 5
 
 
@@ -87,7 +88,7 @@ def exact(task: mg.Task, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def estimates(loss: mg.Loss, task: mg.Task, theta: mg.Params, k: int, lr: float) -> dict:
     """MAML, FOMAML and iMAML (c = K and c = 5) meta-gradients after K inner steps."""
-    gd = mg.GradientDescent(lr=lr, steps=k)
+    gd: Any = mg.GradientDescent(lr=lr, steps=k)  # Any: frozen, so not InnerSolver to mypy
     imaml = mg.IMAML(loss, gd, lam=LAM, cg_steps=k)
 
     def query_after_steps(th: mg.Params) -> torch.Tensor:
@@ -104,7 +105,7 @@ def estimates(loss: mg.Loss, task: mg.Task, theta: mg.Params, k: int, lr: float)
 
 def exact_inner(loss: mg.Loss, task: mg.Task, theta: mg.Params, c: int) -> mg.Params:
     """iMAML with the inner problem solved exactly (one Newton-CG step) and ``c`` CG steps."""
-    newton = mg.NewtonCG(steps=1, cg_steps=2 * DIM)
+    newton: Any = mg.NewtonCG(steps=1, cg_steps=2 * DIM)
     return mg.IMAML(loss, newton, lam=LAM, cg_steps=c)(theta, task)[0]
 
 
