@@ -100,6 +100,6 @@ def naive_maml(model, theta, task, lr, steps, loss_kind="mse", head=None):
 
 def rel(a: mg.Params, b: mg.Params) -> float:
     """``||a - b|| / ||b||`` over all entries."""
-    num = sum(float(((a[k] - b[k]) ** 2).sum()) for k in b)
-    den = sum(float((b[k] ** 2).sum()) for k in b)
+    num = sum(float(((a[k] - b[k]).detach() ** 2).sum()) for k in b)
+    den = sum(float((b[k].detach() ** 2).sum()) for k in b)
     return (num / den) ** 0.5
