@@ -100,3 +100,39 @@ def test_metrics_report_accuracy_for_classification_and_cg_residual_for_imaml():
     assert {"query_loss", "query_accuracy", "cg_residual", "inner_losses"} <= set(metrics)
     assert 0 <= float(metrics["query_accuracy"]) <= 1
     assert metrics["inner_losses"].shape == (GD.steps,)
+
+
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - HEAVY))
+def test_worker_threads_give_the_single_thread_result(variant):
+    """Tasks spread over threads: per-task results in task order, sums equal to round-off."""
+    model, loss, tasks = small_conv_task(n_tasks=5)
+    est = VARIANTS[variant](loss)
+    theta = theta_of(model)
+    threads = torch.get_num_threads()
+    one, m1 = mg.meta_gradient(est, theta, tasks, workers=1)
+    for workers in (2, 3, 8):  # 8 > 5 tasks: one task per thread
+        many, mk = mg.meta_gradient(est, theta, tasks, workers=workers)
+        assert rel(many, one) < 1e-12
+        for k in m1:
+            assert torch.allclose(mk[k], m1[k], rtol=1e-12, atol=0)
+        assert torch.get_num_threads() == threads  # restored after the threads ran
+    singles = [est(theta, mg.task_at(tasks, i))[0] for i in range(5)]
+    assert rel(one, mg.tree.mean(singles)) < 1e-12
+
+
+def test_worker_threads_name_the_failing_task_and_refuse_an_opaque_loss():
+    model, loss, tasks = small_conv_task(n_tasks=4)
+    s, q = tasks
+    x = s.x.clone()
+    x[3, 0, 0, 0, 0] = float("nan")
+    est = mg.MAML(loss, mg.GradientDescent(lr=0.1, steps=2))
+    with pytest.raises(ValueError, match=r"task 3, inner step 0"):
+        mg.meta_gradient(est, theta_of(model), mg.Task(mg.Batch(x, s.y), q), workers=2)
+    opaque = mg.MAML(lambda p, b: loss(p, b), mg.GradientDescent(lr=0.1, steps=1))
+    with pytest.raises(ValueError, match=r"pass workers=1"):
+        mg.meta_gradient(opaque, theta_of(model), tasks, workers=2)
+    grad, _ = mg.meta_gradient(opaque, theta_of(model), tasks)  # automatic: one thread
+    ref, _ = mg.meta_gradient(mg.MAML(loss, opaque.inner), theta_of(model), tasks, workers=1)
+    assert rel(grad, ref) < 1e-12
+    with pytest.raises(ValueError, match=r"workers=0"):
+        mg.meta_gradient(est, theta_of(model), tasks, workers=0)

@@ -68,6 +68,18 @@ def test_training_restores_global_torch_settings(tmp_path):
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, det)
 
 
+def test_bf16_precision_trains_in_bfloat16_and_keeps_fp32_state(tmp_path):
+    fp32 = train(tiny(steps=40), tmp_path / "fp32", progress=False)
+    bf16 = train(tiny(steps=40, precision="bf16"), tmp_path / "bf16", progress=False)
+    assert not torch.is_autocast_enabled("cpu")  # restored after the run
+    state = _params(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in state["params"].values())
+    # bfloat16 arithmetic changes the trajectory (it ran), and the result is fp32's within the CI.
+    assert any(not torch.equal(fp32.params[k], bf16.params[k]) for k in fp32.params)
+    a, b = fp32.evaluation, bf16.evaluation
+    assert abs(a.loss - b.loss) < a.loss_ci and abs(a.loss_before - b.loss_before) < a.loss_ci
+
+
 def test_a_non_finite_meta_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny(optimizer="sgd", outer_lr=3.0, steps=50, checkpoint_every=1)
     with pytest.raises(TrainingError) as info:

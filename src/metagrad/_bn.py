@@ -64,18 +64,21 @@ class _Backward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        gy, x, w, y, _, _, eps = inputs
-        ctx.save_for_backward(gy, x, w, y)
+        gy, x, w, y, mean, rstd, eps = inputs
+        ctx.save_for_backward(gy, x, w, y, mean, rstd)
         ctx.eps = eps
 
     @staticmethod
     def backward(ctx, a, alpha, beta):  # type: ignore[override]
-        gy, x4, w, y = ctx.saved_tensors
+        gy, x4, w, y, mean, rstd = ctx.saved_tensors
         x = _rows(x4)
         n = x.shape[0]
         mask = None if y is None else (_rows(y).detach() > 0).to(x.dtype)
         gz = _rows(gy) if mask is None else _rows(gy) * mask
-        xh, r = _normalised(x, ctx.eps)
+        if torch.is_grad_enabled():  # a third derivative follows: statistics differentiable in x
+            xh, r = _normalised(x, ctx.eps)
+        else:  # the forward kernel's statistics, constants here
+            xh, r = (x - mean) * rstd, rstd
         a = torch.zeros_like(x) if a is None else _rows(a)
         alpha = torch.zeros_like(w) if alpha is None else alpha
         beta = torch.zeros_like(w) if beta is None else beta

@@ -127,6 +127,12 @@ class RunConfig:
     device: str = _f("cpu", "device", ("cpu", "cuda"))
     deterministic: bool | None = _f(None, "deterministic kernels (default: on for cpu)")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    precision: str = _f(
+        "fp32",
+        "fp32, or bf16: forward passes under bfloat16 autocast (parameters, gradients and "
+        "optimiser stay fp32; fast only where the device has bfloat16 units)",
+        ("fp32", "bf16"),
+    )
     log_every: int = _f(100, "log metrics every N steps")
     eval_every: int = _f(0, "validate every N steps (0: only at the end)")
     val_tasks: int = _f(100, "validation tasks during training")

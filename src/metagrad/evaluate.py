@@ -274,8 +274,8 @@ def plot_sinusoid(
             pre, post = estimator.loss.predict(theta, x), estimator.loss.predict(phi, x)
         ax = fig.add_subplot(1, n, i + 1)
         ax.plot(grid, curves[i, :, 0], "k-", label="truth")
-        ax.plot(grid, pre[:, 0].cpu(), "C0--", label="before adaptation")
-        ax.plot(grid, post[:, 0].cpu(), "C1-", label=f"after {_steps(estimator)} steps")
+        ax.plot(grid, pre[:, 0].float().cpu(), "C0--", label="before adaptation")
+        ax.plot(grid, post[:, 0].float().cpu(), "C1-", label=f"after {_steps(estimator)} steps")
         ax.plot(support.x[:, 0].cpu(), support.y[:, 0].cpu(), "k^", label=f"{shots} support")
         if i == 0:
             ax.legend(fontsize="small")

@@ -46,7 +46,10 @@ def check_device(config: Config) -> None:
 
 @contextlib.contextmanager
 def torch_settings(config: Config) -> Iterator[None]:
-    """Deterministic kernels (default on CPU) and the thread count while training, then restored."""
+    """Deterministic kernels (default on CPU), the thread count and the precision, then restored.
+
+    ``run.precision="bf16"`` runs everything inside under ``torch.autocast(dtype=bfloat16)``.
+    """
     saved = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -59,8 +62,10 @@ def torch_settings(config: Config) -> Iterator[None]:
     torch.backends.cudnn.benchmark = not on
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
+    bf16 = config.run.precision == "bf16"
     try:
-        yield
+        with torch.autocast(config.run.device, dtype=torch.bfloat16, enabled=bf16):
+            yield
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.set_num_threads(saved[2])
