@@ -12,6 +12,10 @@ round); the tables give medians and each one's speed-up over the fastest other l
     python benchmarks/bench_meta.py                  # the four configs, 5 rounds, check, memory
     python benchmarks/bench_meta.py --quick          # a tiny smoke run
     python benchmarks/bench_meta.py --configs 20w5s-b16-s5 --impls maml,plain --reps 3
+    python benchmarks/bench_meta.py --configs 5w1s-b32-s5 --impls maml,maml-serial --no-check
+
+An estimator name with ``-serial`` appended runs with ``workers=1`` (its tasks one after another
+on torch's intra-op threads) instead of metagrad's default (tasks spread over worker threads).
 
 ``--check`` (on by default) recomputes the MAML meta-gradient of every implementation in float64
 on the same weights and 2 tasks of each config and requires a relative difference below 1e-6
@@ -63,7 +67,7 @@ LR = 0.4
 ESTIMATORS = ["maml", "fomaml", "anil", "reptile", "leap", "imaml-gd", "imaml-hf"]
 LIBRARIES = ["plain", "higher", "torchopt"]
 IMPLS = ESTIMATORS + LIBRARIES + ["plain-mg-conv4"]
-SECOND_ORDER = ["maml", *LIBRARIES, "plain-mg-conv4"]  # the same meta-gradient
+SECOND_ORDER = ["maml", "maml-serial", *LIBRARIES, "plain-mg-conv4"]  # the same meta-gradient
 Run = Callable[[], list[Tensor]]
 
 
@@ -119,11 +123,16 @@ def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Ru
     """``(run, params)``: ``run()`` returns the mean meta-gradient, in ``params``' order."""
     n, steps = cfg.tasks, cfg.steps
     (xs, ys), (xq, yq) = tasks
-    if name in ESTIMATORS:
+    serial = name.endswith("-serial")
+    if name.removesuffix("-serial") in ESTIMATORS:
         model = load(mg.models.Conv4(1, cfg.ways).to(init[0].dtype), init)
         theta = mg.params_of(model)
-        est = estimator(name, mg.loss_fn(model, "cross_entropy"), steps)
-        return lambda: list(mg.meta_gradient(est, theta, tasks)[0].values()), list(theta.values())
+        est = estimator(name.removesuffix("-serial"), mg.loss_fn(model, "cross_entropy"), steps)
+        workers = 1 if serial else None
+        return (
+            lambda: list(mg.meta_gradient(est, theta, tasks, workers=workers)[0].values()),
+            list(theta.values()),
+        )
     if name in ("plain", "plain-mg-conv4"):
         conv4 = standard_conv4 if name == "plain" else lambda w: mg.models.Conv4(1, w)
         model = load(conv4(cfg.ways).to(init[0].dtype), init)
