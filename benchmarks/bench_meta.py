@@ -69,6 +69,7 @@ LIBRARIES = ["plain", "higher", "torchopt"]
 IMPLS = ESTIMATORS + LIBRARIES + ["plain-mg-conv4"]
 SECOND_ORDER = ["maml", "maml-serial", *LIBRARIES, "plain-mg-conv4"]  # the same meta-gradient
 Run = Callable[[], list[Tensor]]
+DEVICE = torch.device("cpu")  # --device
 
 
 def installed(name: str) -> bool:
@@ -82,7 +83,7 @@ def make_tasks(cfg: Config, dtype: torch.dtype, seed: int = 0) -> mg.Task:
     def batch(per_class: int) -> mg.Batch:
         x = torch.randn(cfg.tasks, cfg.ways * per_class, 1, 28, 28, generator=g, dtype=dtype)
         y = torch.arange(cfg.ways).repeat_interleave(per_class).expand(cfg.tasks, -1)
-        return mg.Batch(x, y.contiguous())
+        return mg.Batch(x.to(DEVICE), y.contiguous().to(DEVICE))
 
     return mg.Task(batch(cfg.shots), batch(cfg.queries))
 
@@ -125,7 +126,7 @@ def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Ru
     (xs, ys), (xq, yq) = tasks
     serial = name.endswith("-serial")
     if name.removesuffix("-serial") in ESTIMATORS:
-        model = load(mg.models.Conv4(1, cfg.ways).to(init[0].dtype), init)
+        model = load(mg.models.Conv4(1, cfg.ways).to(init[0]), init)
         theta = mg.params_of(model)
         est = estimator(name.removesuffix("-serial"), mg.loss_fn(model, "cross_entropy"), steps)
         workers = 1 if serial else None
@@ -135,7 +136,7 @@ def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Ru
         )
     if name in ("plain", "plain-mg-conv4"):
         conv4 = standard_conv4 if name == "plain" else lambda w: mg.models.Conv4(1, w)
-        model = load(conv4(cfg.ways).to(init[0].dtype), init)
+        model = load(conv4(cfg.ways).to(init[0]), init)
         theta = dict(model.named_parameters())
 
         def plain() -> list[Tensor]:
@@ -154,7 +155,7 @@ def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Ru
             return total
 
         return plain, list(theta.values())
-    model = load(standard_conv4(cfg.ways).to(init[0].dtype), init)
+    model = load(standard_conv4(cfg.ways).to(init[0]), init)
     params = list(model.parameters())
     if name == "higher":
         import higher
@@ -202,7 +203,7 @@ def take_grads(params: list[Tensor]) -> list[Tensor]:
 
 def initial(cfg: Config, dtype: torch.dtype, seed: int = 0) -> list[Tensor]:
     torch.manual_seed(seed)
-    return [p.detach().to(dtype) for p in mg.models.Conv4(1, cfg.ways).parameters()]
+    return [p.detach().to(DEVICE, dtype) for p in mg.models.Conv4(1, cfg.ways).parameters()]
 
 
 def available(impls: list[str]) -> list[str]:
@@ -227,6 +228,8 @@ def meta_iteration(run: Run, params: list[Tensor], opt: torch.optim.Optimizer) -
         p.grad = g
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()  # the clock stops when the device has finished
 
 
 def time_config(cfg: Config, impls: list[str], reps: int) -> dict[str, dict[str, list[float]]]:
@@ -261,6 +264,12 @@ def memory_point(cfg: Config, name: str) -> float:
     tasks, init = make_tasks(cfg, torch.float32), initial(cfg, torch.float32)
     run, params = make(name, cfg, tasks, init)
     opt = torch.optim.Adam(params, lr=1e-3)
+    if DEVICE.type == "cuda":  # the device's allocator: the peak of allocated memory
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        meta_iteration(run, params, opt)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     try:  # reset the peak (VmHWM) to the current resident size
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -280,6 +289,7 @@ def memory_in_subprocess(cfg: Config, name: str, threads: int | None) -> float:
     cmd = [sys.executable, __file__, "--worker", name, "--worker-config", spec]
     if threads:
         cmd += ["--threads", str(threads)]
+    cmd += ["--device", str(DEVICE)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -293,6 +303,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    if DEVICE.type == "cuda":
+        cpu = f"{torch.cuda.get_device_name(DEVICE)} (host: {cpu})"
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average {load}"
@@ -327,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--quick", action="store_true", help="tiny config, 1 round: a smoke run")
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--memory", action="store_true")
@@ -336,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    global DEVICE
+    DEVICE = torch.device(a.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        print("bench_meta: --device cuda: no CUDA device here", file=sys.stderr)
+        return 2
     if a.worker:
         print(memory_point(Config(**json.loads(a.worker_config)), a.worker))
         return 0
