@@ -55,7 +55,7 @@ def _adapted(
         _stack(losses, init),
         path=[{**frozen, **p} for p in path],
         grads=grads,
-        path_losses=torch.stack([*losses, f(phi)]),  # type: ignore[operator]
+        path_losses=torch.stack([*losses, f(phi)]),  # type: ignore[operator, call-arg]
     )
 
 

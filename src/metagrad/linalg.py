@@ -25,8 +25,8 @@ def hvp(f: Callable[[Params], Tensor], params: Params, v: Params) -> Params:
         return torch.func.jvp(torch.func.grad(f), (params,), (v,))[1]
     except (NotImplementedError, RuntimeError):
         # Some operators lack (or have a broken) forward-mode derivative; reverse mode then.
-        _, vjp_fn = torch.func.vjp(torch.func.grad(f), params)
-        return vjp_fn(v)[0]
+        vjp_fn = torch.func.vjp(torch.func.grad(f), params)[1]
+        return vjp_fn(v)[0]  # type: ignore[no-any-return]
 
 
 def cg(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -80,15 +80,12 @@ class _PatchConv2d(nn.Conv2d):
             or x.dim() != 4
             or self.groups != 1
             or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
         ):
             return super().forward(x)  # measured on a CPU only; elsewhere the library kernel
         n, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-        )
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ph, pw = cast(tuple[int, int], self.padding)  # not a string: checked above
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw)).transpose(1, 2)
