@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -208,6 +209,7 @@ def session(timeout: float = DEFAULT_TIMEOUT) -> Iterator[dict[str, Any]]:
     except RuntimeError as e:
         raise _peer_error("joining the process group", timeout, e) from e
     ok = False
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         main = rank() == 0
         with contextlib.ExitStack() as quiet, scoring(score_tasks):
@@ -219,7 +221,23 @@ def session(timeout: float = DEFAULT_TIMEOUT) -> Iterator[dict[str, Any]]:
         _barrier()  # every rank done before any leaves: no collective is cut short
         ok = True
     finally:
+        signal.signal(signal.SIGTERM, previous)
         _teardown(ok)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM from torchrun, which sends it to the survivors when a rank fails.
+
+    Rank 0 says why in one line (it may be terminated before its next all-reduce notices the dead
+    peer); the other ranks end quietly, as the line of rank 0 or of the failed rank says it all.
+    """
+    if rank() != 0:
+        raise SystemExit(128 + signum)
+    raise DistributedError(
+        f"rank {rank()} of {world_size()}: stopped by the launcher (SIGTERM), which torchrun sends "
+        "when another rank ended (it died or stopped with its own error) or the job is stopped; "
+        "the last checkpoint in the run folder is kept, resume it with `metagrad train --resume`"
+    )
 
 
 def _barrier() -> None:
