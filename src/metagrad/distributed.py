@@ -114,17 +114,21 @@ def _all_reduce(buffer: torch.Tensor, what: str) -> None:
         raise _peer_error(what, time.monotonic() - start, e) from e
 
 
+_PEER_ENDED = "another rank ended (it died or stopped with its own error)"
+_KEPT = "the last checkpoint in the run folder is kept, resume it with `metagrad train --resume`"
+
+
 def _peer_error(what: str, waited: float, error: BaseException) -> DistributedError:
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
     detail = re.sub(r"^\[[^\]]*\] *", "", detail)[:160]  # gloo's "[source file:line]" prefix
     cause = (
         f"no answer within --dist-timeout {_timeout:g}s (a rank hung)"
         if "timed out" in detail.lower() or "timeout" in detail.lower()
-        else "another rank ended (it died or stopped with its own error)"
+        else _PEER_ENDED
     )
     return DistributedError(
-        f"rank {rank()} of {world_size()}: {what} failed after {waited:.1f}s: {cause}; the last "
-        f"checkpoint in the run folder is kept, resume it with `metagrad train --resume` ({detail})"
+        f"rank {rank()} of {world_size()}: {what} failed after {waited:.1f}s: {cause}; {_KEPT} "
+        f"({detail})"
     )
 
 
@@ -235,8 +239,7 @@ def _terminated(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
     raise DistributedError(
         f"rank {rank()} of {world_size()}: stopped by the launcher (SIGTERM), which torchrun sends "
-        "when another rank ended (it died or stopped with its own error) or the job is stopped; "
-        "the last checkpoint in the run folder is kept, resume it with `metagrad train --resume`"
+        f"when {_PEER_ENDED} or the job is stopped; {_KEPT}"
     )
 
 
