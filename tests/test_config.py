@@ -55,6 +55,16 @@ def test_algorithm_presets_pick_their_estimator():
     assert preset("leap-omniglot").data.benchmark == "omniglot-alphabets"
 
 
+def test_imaml_damping_reaches_the_estimator():
+    from metagrad._build import build_estimator, build_model
+
+    config = preset("sinusoid-imaml-gd").override(cg_damping=1.0, lam_damping=10.0)
+    est = build_estimator(config, build_model(config))
+    assert (est.lam, est.cg_damping, est.lam_damping) == (config.algo.lam, 1.0, 10.0)
+    paper = build_estimator(preset("omniglot-5w1s-imaml-gd"), build_model(preset("quickstart")))
+    assert (paper.cg_damping, paper.lam_damping) == (0.0, 0.0)
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_json_round_trip(name):
     config = PRESETS[name].config
@@ -80,6 +90,8 @@ def test_override_replaces_fields_in_any_section():
         ({"shots": -1}, "shots"),
         ({"inner_lr": 0.0}, "inner_lr"),
         ({"lam": -1.0}, "lam"),
+        ({"cg_damping": -1.0}, "cg_damping"),
+        ({"lam_damping": -0.5}, "lam_damping"),
         ({"meta_batch": 0}, "meta_batch"),
         ({"log_every": 0}, "log_every"),
         ({"no_such_field": 1}, "no_such_field"),

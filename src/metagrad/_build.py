@@ -37,7 +37,12 @@ def build_estimator(config: Config, model: nn.Module, *, evaluation: bool = Fals
     per_algorithm: dict[str, dict[str, Any]] = {
         "anil": {"head": a.head},
         "leap": {"metric": a.leap_metric, "loss_term": a.loss_term, "stabilizer": a.stabilizer},
-        "imaml": {"lam": a.lam, "cg_steps": a.cg_steps},
+        "imaml": {
+            "lam": a.lam,
+            "cg_steps": a.cg_steps,
+            "cg_damping": a.cg_damping,
+            "lam_damping": a.lam_damping,
+        },
     }
     return build(a.algorithm, loss, inner, **per_algorithm.get(a.algorithm, {}))
 

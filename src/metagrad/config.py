@@ -78,6 +78,8 @@ class AlgoConfig:
     newton_cg_steps: int = _f(5, "CG steps per Newton step of the newton-cg inner solver")
     lam: float = _f(2.0, "iMAML proximal regularisation strength")
     cg_steps: int = _f(5, "iMAML conjugate-gradient steps for the meta-gradient")
+    cg_damping: float = _f(0.0, "iMAML: c in (1 + c) v + H v / (lam + d) = g (0: paper)")
+    lam_damping: float = _f(0.0, "iMAML: d in (1 + c) v + H v / (lam + d) = g (0: paper)")
     head: tuple[str, ...] = _f(
         ("head.",), "ANIL: prefixes of the parameters adapted in the inner loop"
     )
@@ -96,6 +98,9 @@ class AlgoConfig:
             f"eval_inner_steps must be >= 0, got {self.eval_inner_steps}",
         )
         _check(self.lam > 0, f"lam must be positive, got {self.lam}")
+        for name in ("cg_damping", "lam_damping"):
+            value = getattr(self, name)
+            _check(value >= 0, f"{name} must be >= 0, got {value}")
         _check(len(self.head) > 0, "head needs at least one parameter-name prefix, e.g. 'head.'")
 
 
