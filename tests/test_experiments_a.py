@@ -43,6 +43,19 @@ def test_sinusoid_cells_not_started_after_the_budget_are_missing(tmp_path):
     assert MISSING in report.to_markdown() and report.figures == []
 
 
+def test_a_diverged_sinusoid_model_is_missing_with_its_reason(tmp_path, monkeypatch):
+    from metagrad.experiments import sinusoid
+
+    bad, fine = ("sinusoid-maml", {"inner_lr": 1e30}), ("sinusoid-fomaml", {"inner_steps": 0})
+    rows = {"MAML": bad, "pre-trained": fine}
+    monkeypatch.setattr(sinusoid, "ALGORITHMS", rows)
+    report = run_experiment("sinusoid", Options(out=tmp_path, quick=True, steps=2))
+    maml, pretrained = report.tables[0].rows
+    assert maml[1:5] == [None] * 4 and all(c is not None for c in pretrained[1:5])
+    assert "MAML-seed0: non-finite" in report.info["failed"][0]
+    assert "Diverged (missing): MAML-seed0" in report.to_markdown()
+
+
 def test_a_cell_of_other_settings_is_not_reused(tmp_path):
     run_experiment("sinusoid", Options(out=tmp_path, quick=True, budget_minutes=1e-9))
     from metagrad.experiments._cells import run_cell

@@ -40,7 +40,7 @@ from metagrad.evaluate import evaluate, mean_ci
 from metagrad.experiments._cells import Deadline, machine, reject, run_cell, save_figure
 from metagrad.experiments._report import Options, Report, Table
 from metagrad.run import Run, load_run
-from metagrad.train import torch_settings
+from metagrad.train import TrainingError, torch_settings
 
 DESCRIPTION = (
     "MAML Sec. 5.1, Figs. 2-3: sinusoid MSE after 1/5/10 steps, K = 5/10/20, six meta-learners "
@@ -143,11 +143,16 @@ def run(options: Options) -> Report:
     cells = Path(options.out) / "cells" / "sinusoid"
     results: dict[str, list[dict[str, dict[str, float]]]] = {}
     runs: dict[str, Run] = {}
+    failed: list[str] = []
     for name in ALGORITHMS:
         for seed in seeds:
             path = cells / f"{name}-seed{seed}"
             config = cell_config(name, steps, seed, options.device, tasks)
-            if not run_cell(config, path, deadline):
+            try:
+                if not run_cell(config, path, deadline):
+                    continue
+            except TrainingError as e:  # a diverged model stays missing, with the reason
+                failed.append(f"{path.name}: {e}")
                 continue
             loaded = load_run(path, options.device)
             with torch_settings(config):
@@ -166,7 +171,7 @@ def run(options: Options) -> Report:
         f"{EVAL_QUERIES} query points each.",
         "Fine-tuning step size: each model's training inner lr (0.01; Reptile 0.02); the "
         f"pre-trained model's is the best of {FINE_TUNE_LRS} on validation tasks.",
-    ]
+    ] + [f"Diverged (missing): {f}" for f in failed]
     main = Table(
         "sinusoid_k10",
         "Sinusoid, K = 10: query MSE after fine-tuning, beside the MAML paper",
@@ -201,6 +206,7 @@ def run(options: Options) -> Report:
         "seeds": len(seeds),
         "test_tasks": tasks,
         "results": results,
+        "failed": failed,
     }
     return Report("sinusoid", [main, grid], figures, info)
 
