@@ -11,8 +11,9 @@ which is FOMAML with zero inner steps (its gradient is :math:`\nabla_\theta L_q(
 At test time each model is fine-tuned by gradient descent on K = 5, 10 or 20 points of a new
 curve for 1, 5 and 10 steps, with its own training inner step size (0.01; Reptile 0.02; iMAML
 0.005, on its proximal objective), and scored by the mean squared error on 100 other points of the
-curve, over the same fixed test tasks for every model. As in the paper, the pre-trained model's step size is tuned automatically: for each K and
-step count, the best of :data:`FINE_TUNE_LRS` on validation tasks (never the test tasks).
+curve, over the same fixed test tasks for every model. As in the paper, the pre-trained model's
+step size is tuned automatically: for each K and step count, the best of :data:`FINE_TUNE_LRS`
+on validation tasks (never the test tasks).
 
 Every model is an ordinary run folder under ``OUT/cells/sinusoid`` (resumable)::
 
@@ -169,7 +170,8 @@ def run(options: Options) -> Report:
         f"Meta-training: {steps} outer steps for every model (the paper trains 70,000), "
         f"{len(seeds)} seed(s); mean ± 95% CI over {ci_over}; {tasks} test tasks, "
         f"{EVAL_QUERIES} query points each.",
-        "Fine-tuning step size: each model's training inner lr (0.01; Reptile 0.02; iMAML 0.005); the "
+        "Fine-tuning step size: each model's training inner lr (0.01; Reptile 0.02; iMAML "
+        "0.005); the "
         f"pre-trained model's is the best of {FINE_TUNE_LRS} on validation tasks.",
     ] + [f"Diverged (missing): {f}" for f in failed]
     main = Table(
