@@ -151,9 +151,16 @@ def test_omniglot_table_quick_fills_5w1s_then_reuses_its_cells(tmp_path):
 @pytest.mark.slow
 def test_leap_omniglot_quick(tmp_path):
     report = run_experiment("leap-omniglot", Options(out=tmp_path, quick=True, data=shared_root()))
-    auc, error, cost = report.tables
+    auc, error, paired, cost = report.tables
     assert [r[0] for r in auc.rows] == [*lo.ALGORITHMS, lo.BASELINE]
-    assert all(c is not None for r in auc.rows + error.rows for c in r)
+    assert all(c is not None for r in auc.rows + error.rows + paired.rows for c in r)
+    scores = report.info["scores"]
+    base = scores[lo.BASELINE][0][0]["auc"]
+    for row in paired.rows:  # a paired mean is the difference of the two means
+        for n, cell in zip(lo.QUICK["alphabets"], row[1:], strict=True):
+            mine = scores[row[0]][n][0]["auc"]
+            want = sum(mine) / len(mine) - sum(base) / len(base)
+            assert float(cell.split(" ± ")[0]) == pytest.approx(want, abs=6e-4), (row[0], n)
     assert len(set(auc.rows[-1][1:])) == 1, "no meta-training: one number for every column"
     assert all(c.startswith("1 / ") for r in cost.rows for c in r[1:])
     assert (tmp_path / "leap_omniglot.png").is_file()
