@@ -195,7 +195,7 @@ def test_leap_equals_naive_formula(metric, stabilizer):
     # The paper's formula, written out in NumPy, one step at a time.
     flat = [mg.tree.flatten(p).detach().numpy() for p in path]
     gflat = [mg.tree.flatten(g).detach().numpy() for g in grads]
-    f = [float(v) for v in losses]
+    f = [float(v.detach()) for v in losses]
     expected = np.zeros_like(flat[0])
     for k in range(steps):
         dtheta, df = flat[k + 1] - flat[k], f[k + 1] - f[k]
