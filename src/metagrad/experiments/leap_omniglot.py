@@ -9,7 +9,8 @@ task by 100 steps of SGD (lr 0.1, mini-batches of 20 of its 300 training images,
 epoch; the 10 tasks vectorised with ``vmap``). Scored: the area under the training curve (the
 mini-batch training loss at each step, trapezoid rule, divided by the number of steps) and the
 final error on the 100 held-out drawings, mean ± 95% CI over the 10 held-out tasks (one seed) or
-over the seeds.
+over the seeds; and each AUC minus the randomly initialised network's on the same tasks and
+mini-batches (paired, so that the tasks' differences in difficulty cancel).
 
 CPU budget. The paper takes 100 inner steps, 1,000 meta-steps and 10 seeds; here every
 meta-training run has 5 inner steps (the paper's MAML is unrolled for 5), a meta-batch of
