@@ -171,8 +171,7 @@ def run(options: Options) -> Report:
         f"{len(seeds)} seed(s); mean ± 95% CI over {ci_over}; {tasks} test tasks, "
         f"{EVAL_QUERIES} query points each.",
         "Fine-tuning step size: each model's training inner lr (0.01; Reptile 0.02; iMAML "
-        "0.005); the "
-        f"pre-trained model's is the best of {FINE_TUNE_LRS} on validation tasks.",
+        f"0.005); the pre-trained model's is the best of {FINE_TUNE_LRS} on validation tasks.",
     ] + [f"Diverged (missing): {f}" for f in failed]
     main = Table(
         "sinusoid_k10",
