@@ -116,6 +116,25 @@ def run_cell(config: Config, path: str | Path, deadline: Deadline | None = None)
     return finished(path)
 
 
+def run_or_note(
+    config: Config, path: str | Path, failed: list[str], deadline: Deadline | None = None
+) -> bool:
+    """:func:`run_cell`, except that a run that diverges (``TrainingError``) is not finished: its
+    folder's name and the reason are appended to ``failed`` (see :func:`diverged_notes`)."""
+    from metagrad.train import TrainingError
+
+    try:
+        return run_cell(config, path, deadline)
+    except TrainingError as e:
+        failed.append(f"{Path(path).name}: {e}")
+        return False
+
+
+def diverged_notes(failed: list[str]) -> list[str]:
+    """A table's note line for each run that diverged, which its table marks missing."""
+    return [f"Diverged (missing): {f}" for f in failed]
+
+
 def save_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write a measurement cell atomically (temp file, rename)."""
     path = Path(path)

@@ -40,11 +40,19 @@ from metagrad._build import TaskSource, build_model, data_root
 from metagrad._types import Batch, Params, Task
 from metagrad.config import Config, DataConfig, ModelConfig, preset
 from metagrad.evaluate import mean_ci
-from metagrad.experiments._cells import load_json, machine, reject, run_cell, save_figure, save_json
+from metagrad.experiments._cells import (
+    diverged_notes,
+    load_json,
+    machine,
+    reject,
+    run_or_note,
+    save_figure,
+    save_json,
+)
 from metagrad.experiments._report import Options, Report, Table
 from metagrad.experiments.omniglot_table import planned, train_seconds
 from metagrad.run import load_run
-from metagrad.train import TrainingError, torch_settings
+from metagrad.train import torch_settings
 
 DESCRIPTION = (
     "Leap Fig. 3: Omniglot alphabets as 20-way tasks; area under held-out training curves and "
@@ -212,11 +220,7 @@ def run(options: Options) -> Report:
                 path = cells / f"{name}-{n}-alphabets-seed{seed}"
                 config = cell_config(name, n, seed, options.device, options.quick)
                 config = planned(data_root(config.override(**changes)), path, minutes, steps)
-                try:
-                    if not run_cell(config, path):
-                        continue
-                except TrainingError as e:
-                    failed.append(f"{path.name}: {e}")
+                if not run_or_note(config, path, failed):
                     continue
                 params = load_run(path, options.device).params
                 result = _held_out(config, params, budget["sgd_steps"], path / "held_out.json")
@@ -245,7 +249,7 @@ def _report(
         f"Held out: 10 alphabets, {budget['sgd_steps']} SGD steps (lr {SGD_LR}, batch "
         f"{SGD_BATCH}); mean ± 95% CI over the "
         + ("held-out tasks." if len(seeds) == 1 else f"{len(seeds)} seeds."),
-    ] + [f"Diverged (missing): {f}" for f in failed]
+    ] + diverged_notes(failed)
     alphabets = sorted(budget["alphabets"])
     tables = []
     for key, title, scale, fmt in (

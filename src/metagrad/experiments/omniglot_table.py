@@ -38,7 +38,14 @@ import metagrad as mg
 from metagrad._build import TaskSource, build_estimator, build_model, data_root
 from metagrad.config import Config, DataConfig, ModelConfig, preset
 from metagrad.evaluate import mean_ci
-from metagrad.experiments._cells import load_json, machine, reject, run_cell, save_figure
+from metagrad.experiments._cells import (
+    diverged_notes,
+    load_json,
+    machine,
+    reject,
+    run_cell,
+    save_figure,
+)
 from metagrad.experiments._report import Options, Report, Table
 from metagrad.run import CONFIG, RunDir
 from metagrad.train import TrainingError, torch_settings
@@ -190,7 +197,7 @@ def report(options: Options, results: dict[str, dict[str, list]], info: dict[str
         "Omniglot test accuracy (%), mean ± 95% CI, beside the published numbers",
         ["algorithm"] + [f"{s} {k}" for s in settings for k in ("ours", "paper")],
         notes=[info["budget"], info["protocol"]]
-        + [f"Diverged (missing): {f}" for f in info.get("failed", [])]
+        + diverged_notes(info.get("failed", []))
         + [f"{n}: {src}" + ("" if sure else " (?)") for n, (_, src, sure) in PUBLISHED.items()]
         + ["Leap: no few-shot Omniglot numbers published; run with MAML's settings (assumed)."],
     )

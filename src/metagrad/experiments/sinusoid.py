@@ -38,10 +38,17 @@ import torch
 from metagrad._build import TaskSource
 from metagrad.config import Config, preset
 from metagrad.evaluate import evaluate, mean_ci
-from metagrad.experiments._cells import Deadline, machine, reject, run_cell, save_figure
+from metagrad.experiments._cells import (
+    Deadline,
+    diverged_notes,
+    machine,
+    reject,
+    run_or_note,
+    save_figure,
+)
 from metagrad.experiments._report import Options, Report, Table
 from metagrad.run import Run, load_run
-from metagrad.train import TrainingError, torch_settings
+from metagrad.train import torch_settings
 
 DESCRIPTION = (
     "MAML Sec. 5.1, Figs. 2-3: sinusoid MSE after 1/5/10 steps, K = 5/10/20, six meta-learners "
@@ -149,11 +156,7 @@ def run(options: Options) -> Report:
         for seed in seeds:
             path = cells / f"{name}-seed{seed}"
             config = cell_config(name, steps, seed, options.device, tasks)
-            try:
-                if not run_cell(config, path, deadline):
-                    continue
-            except TrainingError as e:  # a diverged model stays missing, with the reason
-                failed.append(f"{path.name}: {e}")
+            if not run_or_note(config, path, failed, deadline):  # diverged: missing, noted
                 continue
             loaded = load_run(path, options.device)
             with torch_settings(config):
@@ -172,7 +175,7 @@ def run(options: Options) -> Report:
         f"{EVAL_QUERIES} query points each.",
         "Fine-tuning step size: each model's training inner lr (0.01; Reptile 0.02; iMAML "
         f"0.005); the pre-trained model's is the best of {FINE_TUNE_LRS} on validation tasks.",
-    ] + [f"Diverged (missing): {f}" for f in failed]
+    ] + diverged_notes(failed)
     main = Table(
         "sinusoid_k10",
         "Sinusoid, K = 10: query MSE after fine-tuning, beside the MAML paper",
