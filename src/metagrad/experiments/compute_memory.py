@@ -70,7 +70,7 @@ FULL: dict[str, Any] = {
     "meta_batch": 1,
     "repeats": 2,
 }
-QUICK: dict[str, Any] = {"ways": 5, "shots": 1, "steps": (1, 3), "meta_batch": 1, "repeats": 1}
+QUICK: dict[str, Any] = {"ways": 5, "shots": 1, "steps": (1, 5), "meta_batch": 1, "repeats": 1}
 BUDGET_MINUTES = 20.0
 
 
