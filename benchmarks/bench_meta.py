@@ -21,6 +21,12 @@ on torch's intra-op threads) instead of metagrad's default (tasks spread over wo
 on the same weights and 2 tasks of each config and requires a relative difference below 1e-6
 from the plain loop. ``--memory`` runs each point once in a fresh process and reports the peak
 resident-memory increase over the process's state before the meta-iteration.
+
+Every table also gives each implementation's work (GFLOP of matrix products and convolutions per
+meta-iteration, counted by ``torch.utils.flop_counter`` on 2 tasks and scaled) and the rate it
+reaches, with the rate MAML would need to run 2x faster than the fastest other library and the
+rate the first-order estimators reach on the same kernels and shapes: a yardstick for how far
+the kernels, rather than the code around them, set the time.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 # Benchmark this checkout, whichever copy of metagrad is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -223,6 +230,21 @@ def check(cfg: Config, impls: list[str]) -> dict[str, float]:
     return out
 
 
+def flops(cfg: Config, name: str) -> float:
+    """Floating-point operations of one meta-gradient (matrix products and convolutions).
+
+    Counted by ``FlopCounterMode`` on 2 tasks and scaled to ``cfg.tasks`` (every task has the same
+    shapes, so the count is linear in them); metagrad's estimators run with ``workers=1`` here,
+    because the counter sees the calling thread only.
+    """
+    small = Config(cfg.ways, cfg.shots, min(2, cfg.tasks), cfg.steps, cfg.queries)
+    serial = f"{name}-serial" if name in ESTIMATORS else name
+    run = make(serial, small, make_tasks(small, torch.float32), initial(small, torch.float32))[0]
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops() * cfg.tasks / small.tasks
+
+
 def meta_iteration(run: Run, params: list[Tensor], opt: torch.optim.Optimizer) -> None:
     for p, g in zip(params, run(), strict=True):
         p.grad = g
@@ -311,25 +333,54 @@ def machine() -> str:
     )
 
 
+def matmul_rate(size: int = 2048) -> float:
+    """GFLOP/s of an fp32 ``size`` x ``size`` matrix product here (median of 5): the arithmetic
+    this machine's threads reach on the most favourable kernel, for scale."""
+    a = torch.randn(size, size, device=DEVICE)
+    a @ a
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / median(times) / 1e9
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def report(name: str, cfg: Config, times: dict, errors: dict, memory: dict) -> str:
+def report(name: str, cfg: Config, times: dict, errors: dict, memory: dict, work: dict) -> str:
     libs = [k for k in LIBRARIES if k in times]
     best = min((median(times[k]["wall"]) for k in libs), default=None)
     lines = [
         f"\n### {name}: {cfg.ways}-way {cfg.shots}-shot, B={cfg.tasks}, S={cfg.steps}\n",
         "| implementation | wall s (median) | CPU s (median) | speed-up vs fastest library |"
-        " float64 rel. diff vs plain | peak memory MB |",
-        "| --- | --- | --- | --- | --- | --- |",
+        " float64 rel. diff vs plain | peak memory MB | GFLOP | GFLOP/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k, t in times.items():
         w, c = median(t["wall"]), median(t["cpu"])
         ratio = f"{best / w:.2f}x" if best else "-"
         err = f"{errors[k]:.1e}" if k in errors else "-"
         mem = f"{memory[k]:.0f}" if k in memory else "-"
-        lines.append(f"| {k} | {w:.3f} | {c:.3f} | {ratio} | {err} | {mem} |")
+        gflop, rate = ("-", "-")
+        if k in work:
+            gflop, rate = f"{work[k] / 1e9:.2f}", f"{work[k] / 1e9 / w:.1f}"
+        lines.append(f"| {k} | {w:.3f} | {c:.3f} | {ratio} | {err} | {mem} | {gflop} | {rate} |")
+    if best and "maml" in work:
+        need = work["maml"] / 1e9 / (best / 2)
+        lines.append(f"\nMAML at 2x the fastest library: {need:.1f} GFLOP/s.")
+        first = [k for k in ("fomaml", "reptile") if k in work and k in times]
+        lines += [
+            f"{k} (first order: the same kernels and shapes, no double backward) reaches "
+            f"{work[k] / 1e9 / median(times[k]['wall']):.1f} GFLOP/s."
+            for k in first
+        ]
     return "\n".join(lines)
 
 
@@ -360,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = ["quick"] if a.quick else a.configs.split(",")
     reps = 1 if a.quick else a.reps
     impls = available(a.impls.split(","))
-    print(machine(), f"impls: {impls}", sep="\n")
+    rate = f"fp32 2048x2048 matrix product: {matmul_rate():.0f} GFLOP/s"
+    print(machine(), f"impls: {impls}", rate, sep="\n")
     results, failed = {}, []
     for name in configs:
         cfg = CONFIGS[name]
@@ -368,9 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         failed += [f"{name}/{k}: {e:.1e}" for k, e in errors.items() if not e < 1e-6]
         times = time_config(cfg, impls, reps)
         memory = {k: memory_in_subprocess(cfg, k, a.threads) for k in impls} if a.memory else {}
-        print(report(name, cfg, times, errors, memory), flush=True)
+        work = {k: flops(cfg, k.removesuffix("-serial")) for k in impls}
+        print(report(name, cfg, times, errors, memory, work), flush=True)
         print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
-        results[name] = {"times": times, "errors": errors, "memory": memory}
+        results[name] = {"times": times, "errors": errors, "memory": memory, "flops": work}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(

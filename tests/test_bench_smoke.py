@@ -68,3 +68,16 @@ def test_memory_script_quick(one_thread, capsys):
     args = ["--steps", "1,2", "--impls", "imaml-gd", "--ways", "3", "--shots", "1", "--tasks", "1"]
     assert memory.main([*args, "--threads", "1"]) == 0
     assert "| 2 |" in capsys.readouterr().out
+
+
+def test_flop_count_matches_the_closed_form(one_thread):
+    """First-order MAML, one step: a forward and a backward pass over every support and query
+    image. Per image, a 3x3 convolution costs 2 * c_in * c_out * 9 * h_out * w_out forward and
+    twice that backward (input and weight gradients), except the first, whose input needs none."""
+    bench = _load("bench_meta")
+    cfg = bench.CONFIGS["quick"]
+    convs = [2 * c_in * 64 * 9 * h * h for c_in, h in [(1, 14), (64, 7), (64, 4), (64, 2)]]
+    head = 2 * 256 * cfg.ways
+    per_image = sum(convs) + head + convs[0] + 2 * sum(convs[1:]) + 2 * head
+    images = cfg.tasks * cfg.ways * (cfg.shots + cfg.queries)
+    assert bench.flops(cfg, "fomaml") == per_image * images
