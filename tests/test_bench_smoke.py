@@ -81,3 +81,10 @@ def test_flop_count_matches_the_closed_form(one_thread):
     per_image = sum(convs) + head + convs[0] + 2 * sum(convs[1:]) + 2 * head
     images = cfg.tasks * cfg.ways * (cfg.shots + cfg.queries)
     assert bench.flops(cfg, "fomaml") == per_image * images
+
+
+def test_kernel_script_quick(one_thread, capsys):
+    kernels = _load("bench_kernels")
+    assert kernels.main(["--quick", "--impls", "maml"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 | 64x14x14 -> 64x7x7 |" in out and "| quick | maml |" in out
