@@ -118,6 +118,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_conv: --batches {a.batches!r}: give integers, e.g. 5,75", file=sys.stderr)
         return 2
     reps = 2 if a.quick else a.reps
+    configs = ["quick"] if a.quick else a.configs.split(",")
+    impls = bench_meta.available(a.impls.split(","))
+    unknown = [c for c in configs if c not in bench_meta.CONFIGS] + [
+        i for i in impls if i not in bench_meta.IMPLS
+    ]
+    if unknown:
+        print(
+            f"bench_kernels: unknown {unknown}: configs {list(bench_meta.CONFIGS)}, "
+            f"implementations {bench_meta.IMPLS}",
+            file=sys.stderr,
+        )
+        return 2
     print(f"torch {torch.__version__}, {a.threads} thread(s), medians of {reps}")
     print(f"fp32 matrix product 1024x1024: {matmul_rate(1024, reps):.1f} GFLOP/s\n")
     print("| batch | layer (in -> out) | forward | input gradient | weight gradient |")
@@ -128,14 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             shape = f"{c_in}x{size}x{size} -> {HIDDEN}x{(size + 1) // 2}x{(size + 1) // 2}"
             cells = " | ".join(f"{r:.1f}" for r in rates.values())
             print(f"| {batch} | {shape} | {cells} |", flush=True)
-    configs = ["quick"] if a.quick else a.configs.split(",")
-    impls = bench_meta.available(a.impls.split(","))
     print("\n| config | implementation | wall s, one thread | profiled op s | kernel s | share |")
     print("| --- | --- | --- | --- | --- | --- |")
     for config in configs:
-        if config not in bench_meta.CONFIGS:
-            print(f"bench_kernels: unknown config {config!r}: {list(bench_meta.CONFIGS)}")
-            return 2
         for impl in impls:
             wall, total, kernels = kernel_share(config, impl)
             cells = f"{wall:.2f} | {total:.2f} | {kernels:.2f} | {kernels / total:.0%}"

@@ -411,6 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     configs = ["quick"] if a.quick else a.configs.split(",")
     reps = 1 if a.quick else a.reps
     impls = available(a.impls.split(","))
+    unknown = [c for c in configs if c not in CONFIGS] + [
+        i for i in impls if i.removesuffix("-serial") not in IMPLS
+    ]
+    if unknown:
+        print(
+            f"bench_meta: unknown {unknown}: configs {list(CONFIGS)}, implementations "
+            f"{IMPLS} (an estimator's name with -serial appended, too)",
+            file=sys.stderr,
+        )
+        return 2
     rate = f"fp32 2048x2048 matrix product: {matmul_rate():.0f} GFLOP/s"
     print(machine(), f"impls: {impls}", rate, sep="\n")
     results, failed = {}, []
