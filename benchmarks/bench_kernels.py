@@ -75,11 +75,6 @@ def layer_rates(batch: int, c_in: int, size: int, reps: int) -> dict[str, float]
     return {name: flop / seconds(fn, reps) / 1e9 for name, fn in passes.items()}
 
 
-def matmul_rate(size: int, reps: int) -> float:
-    a = torch.randn(size, size)
-    return 2 * size**3 / seconds(lambda: a @ a, reps) / 1e9
-
-
 def kernel_share(config: str, impl: str) -> tuple[float, float, float]:
     """``(wall s, profiled op s, kernel s)`` of one meta-gradient of ``impl`` on one thread."""
     cfg = bench_meta.CONFIGS[config]
@@ -131,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(f"torch {torch.__version__}, {a.threads} thread(s), medians of {reps}")
-    print(f"fp32 matrix product 1024x1024: {matmul_rate(1024, reps):.1f} GFLOP/s\n")
+    print(f"fp32 matrix product 1024x1024: {bench_meta.matmul_rate(1024, reps):.1f} GFLOP/s\n")
     print("| batch | layer (in -> out) | forward | input gradient | weight gradient |")
     print("| --- | --- | --- | --- | --- |")
     for batch in batches:

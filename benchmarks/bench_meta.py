@@ -333,15 +333,15 @@ def machine() -> str:
     )
 
 
-def matmul_rate(size: int = 2048) -> float:
-    """GFLOP/s of an fp32 ``size`` x ``size`` matrix product here (median of 5): the arithmetic
-    this machine's threads reach on the most favourable kernel, for scale."""
+def matmul_rate(size: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an fp32 ``size`` x ``size`` matrix product here (median of ``reps``): the
+    arithmetic this machine's threads reach on the most favourable kernel, for scale."""
     a = torch.randn(size, size, device=DEVICE)
     a @ a
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     times = []
-    for _ in range(5):
+    for _ in range(reps):
         t0 = time.perf_counter()
         a @ a
         if DEVICE.type == "cuda":
