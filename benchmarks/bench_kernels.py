@@ -18,7 +18,6 @@ this speed can take; ``bench_meta.py`` gives the time the other libraries take.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_meta  # noqa: E402  (the configs and implementations of the speed benchmark)
+from bench_data import median_seconds  # noqa: E402
 
 LAYERS = [(1, 28), (64, 14), (64, 7), (64, 4)]  # (input channels, input size); 64 out, stride 2
 HIDDEN = 64
@@ -46,12 +46,7 @@ KERNELS = {
 def seconds(fn: Callable[[], object], reps: int) -> float:
     """Median wall time of ``fn`` over ``reps`` calls, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(fn, reps)
 
 
 def layer_rates(batch: int, c_in: int, size: int, reps: int) -> dict[str, float]:
