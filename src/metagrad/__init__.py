@@ -7,28 +7,40 @@ adapt on, a query set to score on), what is the meta-gradient?
 >>> model = mg.models.MLP()
 >>> loss = mg.loss_fn(model, "mse")
 >>> maml = mg.MAML(loss, mg.GradientDescent(lr=0.01, steps=1))
+
+This package is the algorithm layer. The application layer (configs and presets, the training
+loop, run folders, evaluation, distribution) is the subpackage :mod:`metagrad.training`; the
+published experiments are :mod:`metagrad.experiments`.
 """
 
-from metagrad import data, linalg, models, tree
-from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Metrics, Params, Task
+from typing import Any
+
+from metagrad import autodiff, data, linalg, models, tasks, tree
+from metagrad._types import (
+    Adapted,
+    Batch,
+    Estimator,
+    InnerSolver,
+    LossFn,
+    Metrics,
+    Params,
+    Task,
+    TaskSampler,
+)
 from metagrad.algorithms import (
     ALGORITHMS,
     ANIL,
     IMAML,
     MAML,
-    Estimator,
+    EstimatorBase,
     Leap,
     Reptile,
     build,
     meta_gradient,
-    task_at,
 )
-from metagrad.config import PRESETS, Config, preset
-from metagrad.evaluate import Evaluation, evaluate, evaluate_run
-from metagrad.inner import GradientDescent, NewtonCG
-from metagrad.models import Loss, loss_fn, params_of
-from metagrad.run import Run, load_run
-from metagrad.train import TrainingError, TrainResult, resume, train
+from metagrad.inner import INNER_SOLVERS, GradientDescent, NewtonCG
+from metagrad.models import MODELS, Loss, loss_fn, params_of
+from metagrad.tasks import task_at
 
 __version__ = "0.1.0"
 
@@ -37,38 +49,61 @@ __all__ = [
     "ANIL",
     "Adapted",
     "Batch",
-    "Config",
     "Estimator",
-    "Evaluation",
+    "EstimatorBase",
     "GradientDescent",
     "IMAML",
+    "INNER_SOLVERS",
     "InnerSolver",
     "Leap",
     "Loss",
     "LossFn",
     "MAML",
+    "MODELS",
     "Metrics",
     "NewtonCG",
-    "PRESETS",
     "Params",
     "Reptile",
-    "Run",
     "Task",
-    "TrainResult",
-    "TrainingError",
+    "TaskSampler",
+    "autodiff",
     "build",
     "data",
-    "evaluate",
-    "evaluate_run",
     "linalg",
-    "load_run",
     "loss_fn",
     "meta_gradient",
     "models",
     "params_of",
-    "preset",
-    "resume",
     "task_at",
-    "train",
+    "tasks",
     "tree",
 ]
+
+# The application layer's names, reachable here too for code written against the first version
+# (``mg.train``, ``mg.load_run``, ...); imported on first use, so ``import metagrad`` stays light.
+_TRAINING = {
+    "PRESETS": "metagrad.config",
+    "Config": "metagrad.config",
+    "preset": "metagrad.config",
+    "Evaluation": "metagrad.evaluate",
+    "evaluate": "metagrad.evaluate",
+    "evaluate_run": "metagrad.evaluate",
+    "Run": "metagrad.run",
+    "load_run": "metagrad.run",
+    "TrainingError": "metagrad.train",
+    "TrainResult": "metagrad.train",
+    "resume": "metagrad.train",
+    "train": "metagrad.train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINING:
+        import importlib
+
+        return getattr(importlib.import_module(_TRAINING[name]), name)
+    if name in ("training", "experiments"):
+        import importlib
+
+        return importlib.import_module(f"metagrad.{name}")
+    raise AttributeError(f"module 'metagrad' has no attribute {name!r}")

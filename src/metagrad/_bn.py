@@ -21,8 +21,7 @@ Its vector-Jacobian product with :math:`(A, \alpha, \beta)` (for :math:`g_x, g_w
 .. math::  \partial x = r \left[(\alpha - w r P / N)(g_z - \bar g_z) - w r c (A - \bar A)
            + \hat x \left(w r (3 c P - S) / N - \alpha c\right)\right].
 
-Measured on the 2-core CPU, second-order MAML with Conv4 (5-way 1-shot, 32 tasks, 1 step):
-0.82x the time of the batch norm written from ``var_mean`` and ``addcmul``.
+Its speed against the batch norm written from ``var_mean`` is measured in ``docs/PERFORMANCE.md``.
 """
 
 from __future__ import annotations
@@ -102,6 +101,13 @@ class _Backward(torch.autograd.Function):
 
 class _BatchNormReLU(torch.autograd.Function):
     """``relu(w x_hat + b)`` (or without the ReLU), normalised over every dim but 1."""
+
+    @staticmethod
+    def vmap(info, in_dims, *args):  # type: ignore[no-untyped-def, override]
+        raise RuntimeError(
+            "metagrad.models.BatchNorm ran its autograd kernel under torch.func.vmap: run the "
+            "transform inside metagrad.autodiff.use('func') (meta_gradient(mode='vmap') does)"
+        )
 
     @staticmethod
     def forward(x, w, b, eps, relu):  # type: ignore[override]

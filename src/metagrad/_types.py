@@ -1,11 +1,13 @@
-"""Types shared by every module: parameters, batches, tasks and the solver / estimator protocols."""
+"""Types shared by every module: parameters, batches, tasks, and the sampler / solver / estimator
+protocols."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 Params = dict[str, Tensor]
 """Parameters as a plain dict, keyed like ``module.named_parameters()``."""
@@ -51,6 +53,15 @@ class Adapted(NamedTuple):
     path_losses: Tensor | None = None
 
 
+class TaskSampler(Protocol):
+    """A task family: ``sample(n, generator) -> Task``, ``n`` tasks stacked on dim 0.
+
+    Deterministic given the generator; never the global random state.
+    """
+
+    def sample(self, n: int, generator: torch.Generator) -> Task: ...
+
+
 class InnerSolver(Protocol):
     """``solver(loss, init, batch, *, keys=None, record=False) -> Adapted``.
 
@@ -72,10 +83,18 @@ class InnerSolver(Protocol):
 
 
 class Estimator(Protocol):
-    """A meta-gradient estimator: ``estimator(theta, task) -> (meta_grad, metrics)``, one task."""
+    """A meta-gradient estimator: ``estimator(theta, task) -> (meta_grad, metrics)``, one task.
 
-    loss: LossFn
-    inner: InnerSolver
+    ``meta_grad`` is pure and takes its gradients through :mod:`metagrad.autodiff`, so that the
+    same code runs one task at a time and under ``vmap``. :class:`metagrad.EstimatorBase` gives
+    ``__call__``, ``adapt`` and ``init_meta``; a frozen dataclass with ``loss`` and ``inner``
+    fields and a ``meta_grad`` method, subclassing it, is an estimator.
+    """
+
+    @property
+    def loss(self) -> LossFn: ...
+
+    def init_meta(self, model: nn.Module) -> Params: ...
 
     def meta_grad(self, theta: Params, task: Task) -> tuple[Params, Metrics]: ...
 

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from metagrad import autodiff
 from metagrad._types import Batch, Params, Task
-from metagrad.algorithms import task_at
+from metagrad.tasks import task_at
 
 CHUNK = 50  # tasks sampled per generator seed; fixed, so that the task sets never change
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -127,7 +128,8 @@ def evaluate_tasks(
 
     def score(tasks: Task) -> torch.Tensor:
         if mode == "vmap":
-            return torch.func.vmap(lambda t: _scores(estimator, theta, t))(tasks)
+            with autodiff.use("func"):
+                return torch.func.vmap(lambda t: _scores(estimator, theta, t))(tasks)
         n = tasks.support.x.shape[0]
         return torch.stack([_scores(estimator, theta, task_at(tasks, i)) for i in range(n)])
 

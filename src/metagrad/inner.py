@@ -1,8 +1,8 @@
 """Inner solvers: adapt ``theta`` to a task's support set.
 
 A solver is a frozen dataclass called as ``solver(loss, init, batch, *, keys=None, record=False)``
-and returns :class:`~metagrad.Adapted`. Its gradients come from :mod:`metagrad._autodiff`: plain
-autograd outside ``torch.func`` transforms, ``torch.func`` inside them. Either way the result is
+and returns :class:`~metagrad.Adapted`. Its gradients come from :mod:`metagrad.autodiff`, on the
+backend in force (plain autograd, or ``torch.func`` under transforms). Either way the result is
 differentiable when ``init`` carries a graph (MAML, under an outer ``torch.func.grad`` or on leaves
 that require grad) and no graph is built otherwise (FOMAML, Reptile, Leap, iMAML). No step reads
 a value back to the host.
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metagrad import _autodiff, linalg, tree
-from metagrad._types import Adapted, Batch, LossFn, Params
+from metagrad import autodiff, linalg, tree
+from metagrad._registry import Registry
+from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Params
 
 
 def _split(init: Params, keys: Sequence[str] | None) -> tuple[Params, Params]:
@@ -88,7 +89,7 @@ class GradientDescent:
         f = lambda p: loss({**frozen, **p}, batch)  # noqa: E731
         losses, path, grads = [], [phi], []
         for _ in range(self.steps):
-            g, value = _autodiff.grad_and_value(f)(phi)
+            g, value = autodiff.grad_and_value(f)(phi)
             phi = tree.axpy(-self.lr, g, phi)
             losses.append(value)
             if record:
@@ -134,7 +135,7 @@ class NewtonCG:
         losses, path, grads = [], [phi], []
         ts = [2.0**-i for i in range(self.line_search)]
         for _ in range(self.steps):
-            g, value, hvp = _autodiff.hessian_at(f, phi)
+            g, value, hvp = autodiff.hessian_at(f, phi)
             d, _ = linalg.cg(hvp, tree.scale(g, -1.0), self.cg_steps)
             descent = tree.vdot(g, d) < 0
             d = {k: torch.where(descent, d[k], -g[k]) for k in d}
@@ -149,3 +150,14 @@ class NewtonCG:
                 path.append(phi)
                 grads.append(g)
         return _adapted(f, phi, frozen, losses, init, path if record else None, grads)
+
+
+INNER_SOLVERS: Registry[InnerSolver] = Registry("inner solver")
+"""Name -> ``build(steps=, **options) -> solver``; ``options`` map keywords to config fields."""
+INNER_SOLVERS.register("gd", GradientDescent, options={"lr": "inner_lr"}, help="gradient descent")
+INNER_SOLVERS.register(
+    "newton-cg",
+    NewtonCG,
+    options={"cg_steps": "newton_cg_steps"},
+    help="Hessian-free Newton-CG with a line search",
+)

@@ -16,11 +16,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metagrad._autodiff import in_transform
+from metagrad import autodiff
 from metagrad._bn import batch_norm_relu
+from metagrad._registry import Registry
 from metagrad._types import Batch, Params
 
-__all__ = ["BatchNorm", "Conv4", "Loss", "MLP", "conv4_mini_imagenet", "loss_fn", "params_of"]
+__all__ = [
+    "MODELS",
+    "BatchNorm",
+    "Conv4",
+    "Loss",
+    "MLP",
+    "conv4_mini_imagenet",
+    "loss_fn",
+    "params_of",
+]
 
 
 class BatchNorm(nn.Module):
@@ -28,9 +38,10 @@ class BatchNorm(nn.Module):
 
     ``y = w * (x - mean) / sqrt(var + eps) + b`` with every order of derivative exact, under
     ``vmap`` too (the native kernel's third derivative is not, nor its second derivative under an
-    outer ``vmap``). On plain autograd it runs the native kernels forward and backward with a
-    closed-form double backward (:mod:`metagrad._bn`); inside ``torch.func`` transforms it is
-    written from ``var_mean`` and ``addcmul``. A channels-last input is normalised as a
+    outer ``vmap``). On the ``"autograd"`` backend (:func:`metagrad.autodiff.backend`) it runs the
+    native kernels forward and backward with a closed-form double backward (:mod:`metagrad._bn`);
+    on ``"func"`` (what ``torch.func`` transforms need) it is written from ``var_mean`` and
+    ``addcmul``. A channels-last input is normalised as a
     ``(rows, channels)`` matrix, a free view.
     """
 
@@ -42,7 +53,7 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: Tensor, relu: bool = False) -> Tensor:
         """The normalised ``x``; with ``relu=True``, ``relu`` of it in the same pass."""
-        if not in_transform():
+        if autodiff.backend() == "autograd":
             return batch_norm_relu(x, self.weight, self.bias, self.eps, relu)
         if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1:  # channels last: a free view
             n, c, h, w = x.shape
@@ -240,3 +251,24 @@ def loss_fn(model: nn.Module, kind: _Kind | Callable[[Tensor, Tensor], Tensor]) 
                 "update: build it with track_running_stats=False, or use metagrad.models.BatchNorm"
             )
     return Loss(model, kind)
+
+
+MODELS: Registry[nn.Module] = Registry("architecture")
+"""Name -> ``build(in_channels=, n_way=, image_size=) -> nn.Module``; the ``--arch`` choices."""
+MODELS.register(
+    "mlp",
+    lambda **shape: MLP(),
+    help="1-40-40-1 ReLU MLP (sinusoid regression)",
+)
+MODELS.register(
+    "conv4",
+    lambda in_channels=1, n_way=5, image_size=28: Conv4(in_channels, n_way, image_size=image_size),
+    help="Conv4 of the MAML papers: 64 channels, stride 2 (Omniglot)",
+)
+MODELS.register(
+    "conv4-mini",
+    lambda in_channels=3, n_way=5, image_size=84: Conv4(
+        in_channels, n_way, hidden=32, pool="max", image_size=image_size
+    ),
+    help="Conv4 of the Mini-ImageNet experiments: 32 channels, 2x2 max-pool",
+)

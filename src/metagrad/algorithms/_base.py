@@ -1,8 +1,11 @@
-"""What every estimator shares: input checks, the finiteness check, metrics, ``__call__``."""
+"""What every estimator shares: input checks, the finiteness check, metrics, ``__call__``,
+``adapt`` and ``init_meta``."""
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Callable
+
+from torch import Tensor, nn
 
 from metagrad import tree
 from metagrad._types import Adapted, Batch, LossFn, Metrics, Params, Task
@@ -64,15 +67,35 @@ def check_finite(metrics: Metrics) -> None:
         )
 
 
-def task_metrics(loss: LossFn, adapted: Adapted, query: Batch, query_loss: Tensor) -> Metrics:
-    """The metrics every estimator reports for one task."""
+def scored(loss: LossFn) -> Callable[[Params, Batch], tuple[Tensor, Tensor | None]]:
+    """``(params, batch) -> (loss, accuracy or None)``, from one forward pass where the loss can.
+
+    A :class:`metagrad.Loss` gives its accuracy (classification) from the forward pass that gives
+    the value; any other loss gives ``None`` and :func:`task_metrics` scores the accuracy itself.
+    """
+    both = getattr(loss, "value_and_accuracy", None)
+    if both is not None:
+        return both  # type: ignore[no-any-return]
+    return lambda params, batch: (loss(params, batch), None)
+
+
+def task_metrics(
+    loss: LossFn,
+    adapted: Adapted,
+    query: Batch,
+    query_loss: Tensor,
+    accuracy: Tensor | None = None,
+) -> Metrics:
+    """The metrics every estimator reports for one task (the accuracy for classification)."""
     metrics = {"query_loss": query_loss.detach(), "inner_losses": adapted.losses.detach()}
-    if getattr(loss, "is_classification", False):
+    if accuracy is not None:
+        metrics["query_accuracy"] = accuracy.detach()
+    elif getattr(loss, "is_classification", False):
         metrics["query_accuracy"] = loss.accuracy(tree.detach(adapted.params), query)  # type: ignore[attr-defined]
     return metrics
 
 
-class Estimator:
+class EstimatorBase:
     """Base of the estimators: ``__call__`` checks the task, runs ``meta_grad``, checks the result.
 
     Subclasses are frozen dataclasses with ``loss`` and ``inner`` fields and a pure, ``vmap``-able
@@ -81,6 +104,14 @@ class Estimator:
 
     loss: LossFn
     inner: object
+
+    def init_meta(self, model: nn.Module) -> Params:
+        """The meta-parameters to learn, as one flat dict: here the initialisation ``theta``.
+
+        The live parameters of ``model`` (ready for a ``torch.optim`` optimiser); an estimator
+        that learns more (step sizes, ``lam``) adds entries under its own prefixes.
+        """
+        return dict(model.named_parameters())
 
     def meta_grad(self, theta: Params, task: Task) -> tuple[Params, Metrics]:
         raise NotImplementedError

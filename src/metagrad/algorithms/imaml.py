@@ -22,15 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from metagrad import linalg, tree
+from metagrad import autodiff, linalg, tree
 from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Metrics, Params, Task
-from metagrad.algorithms._base import Estimator, task_metrics
+from metagrad.algorithms._base import EstimatorBase, scored, task_metrics
 
 
 @dataclass(frozen=True, eq=False)
-class IMAML(Estimator):
+class IMAML(EstimatorBase):
     """iMAML: the implicit meta-gradient ``v = (I + H_s(phi)/lam)^{-1} grad L_q(phi)``."""
 
     loss: LossFn
@@ -64,18 +62,17 @@ class IMAML(Estimator):
     def meta_grad(self, theta: Params, task: Task) -> tuple[Params, Metrics]:
         adapted = self._adapt(theta, task.support)
         phi = tree.detach(adapted.params)
-        grad_query, query_loss = torch.func.grad_and_value(self.loss)(phi, task.query)
+        grad_query, (query_loss, accuracy) = autodiff.grad_and_value(
+            scored(self.loss), has_aux=True
+        )(phi, task.query)
+        _, _, hvp = autodiff.hessian_at(lambda p: self.loss(p, task.support), phi)
 
-        def support_loss(p: Params) -> torch.Tensor:
-            return self.loss(p, task.support)
-
-        def matvec(v: Params) -> Params:
-            hv = linalg.hvp(support_loss, phi, v)
+        def matvec(v: Params) -> Params:  # (1 + c) v + H_s v / (lam + d)
             return tree.axpy(
-                1.0 / (self.lam + self.lam_damping), hv, tree.scale(v, 1 + self.cg_damping)
+                1.0 / (self.lam + self.lam_damping), hvp(v), tree.scale(v, 1 + self.cg_damping)
             )
 
         v, residual = linalg.cg(matvec, grad_query, self.cg_steps, self.cg_tol)
-        metrics = task_metrics(self.loss, adapted, task.query, query_loss)
+        metrics = task_metrics(self.loss, adapted, task.query, query_loss, accuracy)
         metrics["cg_residual"] = residual.detach()
         return v, metrics

@@ -26,11 +26,11 @@ import torch
 
 from metagrad import tree
 from metagrad._types import InnerSolver, LossFn, Metrics, Params, Task
-from metagrad.algorithms._base import Estimator, task_metrics
+from metagrad.algorithms._base import EstimatorBase, scored, task_metrics
 
 
 @dataclass(frozen=True, eq=False)
-class Leap(Estimator):
+class Leap(EstimatorBase):
     """Leap's meta-gradient: a pure function of the recorded path and its losses."""
 
     loss: LossFn
@@ -62,5 +62,5 @@ class Leap(Estimator):
                 length = torch.sqrt(tree.sqnorm(step) + df**2)
                 term = tree.scale(term, 1.0 / torch.clamp(length, min=torch.finfo(df.dtype).tiny))
             g = tree.sub(g, term)
-        query_loss = self.loss(adapted.params, task.query)
-        return g, task_metrics(self.loss, adapted, task.query, query_loss)
+        query_loss, accuracy = scored(self.loss)(adapted.params, task.query)
+        return g, task_metrics(self.loss, adapted, task.query, query_loss, accuracy)

@@ -24,14 +24,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+from torch import Tensor
 
+from metagrad import autodiff
 from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Metrics, Params, Task
-from metagrad.algorithms._base import Estimator, task_metrics
+from metagrad.algorithms._base import EstimatorBase, scored, task_metrics
 
 
 @dataclass(frozen=True, eq=False)
-class MAML(Estimator):
+class MAML(EstimatorBase):
     """MAML (second order by default; ``first_order=True`` is FOMAML); ``head`` makes it ANIL."""
 
     loss: LossFn
@@ -60,18 +61,24 @@ class MAML(Estimator):
 
     def meta_grad(self, theta: Params, task: Task) -> tuple[Params, Metrics]:
         keys = self.keys(theta)
-        if self.first_order:
+        score = scored(self.loss)
+        if self.first_order:  # J = I: the query gradient at phi
             adapted = self.inner(self.loss, theta, task.support, keys=keys)
-            grad, query_loss = torch.func.grad_and_value(self.loss)(adapted.params, task.query)
-        else:
+            grad, (query_loss, accuracy) = autodiff.grad_and_value(score, has_aux=True)(
+                adapted.params, task.query
+            )
+        else:  # d/dtheta L_q(phi(theta)), through the unrolled solver
 
-            def query_loss_of(th: Params) -> tuple[torch.Tensor, tuple[Params, torch.Tensor]]:
+            def query_loss_of(th: Params) -> tuple[Tensor, tuple[tuple, Tensor | None]]:
                 adapted = self.inner(self.loss, th, task.support, keys=keys)
-                return self.loss(adapted.params, task.query), adapted[:2]
+                value, accuracy = score(adapted.params, task.query)
+                return value, (adapted[:2], accuracy)
 
-            grad, (query_loss, aux) = torch.func.grad_and_value(query_loss_of, has_aux=True)(theta)
+            grad, (query_loss, (aux, accuracy)) = autodiff.grad_and_value(
+                query_loss_of, has_aux=True
+            )(theta)
             adapted = Adapted(*aux)
-        return grad, task_metrics(self.loss, adapted, task.query, query_loss)
+        return grad, task_metrics(self.loss, adapted, task.query, query_loss, accuracy)
 
     def _adapt(self, theta: Params, support: Batch) -> Adapted:
         return self.inner(self.loss, theta, support, keys=self.keys(theta))

@@ -17,11 +17,11 @@ import torch
 
 from metagrad import tree
 from metagrad._types import Batch, InnerSolver, LossFn, Metrics, Params, Task
-from metagrad.algorithms._base import Estimator, task_metrics
+from metagrad.algorithms._base import EstimatorBase, scored, task_metrics
 
 
 @dataclass(frozen=True, eq=False)
-class Reptile(Estimator):
+class Reptile(EstimatorBase):
     """Reptile: ``g = theta - phi``; no graph of the inner loop is built."""
 
     loss: LossFn
@@ -33,7 +33,6 @@ class Reptile(Estimator):
         if self.use_query:
             batch = Batch(*(torch.cat(pair) for pair in zip(task.support, task.query, strict=True)))
         adapted = self.inner(self.loss, theta, batch)
-        query_loss = self.loss(adapted.params, task.query)
-        return tree.sub(theta, adapted.params), task_metrics(
-            self.loss, adapted, task.query, query_loss
-        )
+        query_loss, accuracy = scored(self.loss)(adapted.params, task.query)
+        metrics = task_metrics(self.loss, adapted, task.query, query_loss, accuracy)
+        return tree.sub(theta, adapted.params), metrics

@@ -118,15 +118,18 @@ def sgd_curves(
     )
     rows = torch.arange(n_tasks, device=tasks.support.y.device).unsqueeze(1)
     params = {k: v.detach().unsqueeze(0).repeat_interleave(n_tasks, 0) for k, v in theta.items()}
-    step = torch.func.vmap(torch.func.grad_and_value(loss))
-    curve = []
-    for s in range(steps):
-        idx = order[:, s * SGD_BATCH : (s + 1) * SGD_BATCH].to(tasks.support.y.device)
-        grads, value = step(params, Batch(tasks.support.x[rows, idx], tasks.support.y[rows, idx]))
-        params = {k: p - SGD_LR * grads[k] for k, p in params.items()}
-        curve.append(value)
-    with torch.no_grad():
-        accuracy = torch.func.vmap(loss.accuracy)(params, tasks.query)
+    with mg.autodiff.use("func"):  # torch.func transforms of the model
+        step = torch.func.vmap(torch.func.grad_and_value(loss))
+        curve = []
+        for s in range(steps):
+            idx = order[:, s * SGD_BATCH : (s + 1) * SGD_BATCH].to(tasks.support.y.device)
+            grads, value = step(
+                params, Batch(tasks.support.x[rows, idx], tasks.support.y[rows, idx])
+            )
+            params = {k: p - SGD_LR * grads[k] for k, p in params.items()}
+            curve.append(value)
+        with torch.no_grad():
+            accuracy = torch.func.vmap(loss.accuracy)(params, tasks.query)
     c = torch.stack(curve).double().cpu().numpy()
     auc = (c[1:] + c[:-1]).sum(0) / 2 / steps if steps > 1 else c.mean(0)
     return {"curve": c, "auc": auc, "error": 1 - accuracy.double().cpu().numpy()}

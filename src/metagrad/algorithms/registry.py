@@ -1,0 +1,55 @@
+"""The algorithm registry: each estimator's name, builder and the config fields it reads.
+
+``ALGORITHMS.build(name, loss, inner, **options)`` builds an estimator; ``options`` maps each
+builder keyword to the config field that supplies it (``metagrad.training`` reads them from the
+config, the command line makes one flag per field). An entry's ``presets`` are the papers'
+settings for that algorithm (flat config overrides with their source); ``solvers`` lists the inner
+solvers it accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metagrad._registry import Registry
+from metagrad._types import Estimator, InnerSolver, LossFn
+from metagrad.algorithms.imaml import IMAML
+from metagrad.algorithms.leap import Leap
+from metagrad.algorithms.maml import ANIL, MAML
+from metagrad.algorithms.reptile import Reptile
+
+ALGORITHMS: Registry[Estimator] = Registry("algorithm")
+
+ALGORITHMS.register("maml", MAML, help="MAML, second order through the unrolled inner loop")
+ALGORITHMS.register(
+    "fomaml",
+    lambda loss, inner: MAML(loss, inner, first_order=True),
+    help="first-order MAML: the query gradient at the adapted parameters",
+)
+ALGORITHMS.register(
+    "anil", ANIL, options={"head": "head"}, help="MAML adapting only the head's parameters"
+)
+ALGORITHMS.register("reptile", Reptile, help="Reptile: theta - phi")
+ALGORITHMS.register(
+    "leap",
+    Leap,
+    options={"metric": "leap_metric", "loss_term": "loss_term", "stabilizer": "stabilizer"},
+    help="Leap: the gradient of the learning path's length or energy",
+)
+ALGORITHMS.register(
+    "imaml",
+    IMAML,
+    options={
+        "lam": "lam",
+        "cg_steps": "cg_steps",
+        "cg_damping": "cg_damping",
+        "lam_damping": "lam_damping",
+    },
+    help="iMAML: implicit meta-gradient of the proximal inner problem, by CG",
+    solvers=("gd", "newton-cg"),
+)
+
+
+def build(name: str, loss: LossFn, inner: InnerSolver, **options: Any) -> Estimator:
+    """The estimator registered as ``name`` (see :data:`ALGORITHMS`)."""
+    return ALGORITHMS.build(name, loss, inner, **options)
