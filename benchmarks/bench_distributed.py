@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import metagrad as mg
-from metagrad._build import TaskSource, build_estimator, build_model, data_root
+from metagrad.training import build_estimator, build_model, data_root, task_source
 
 SCRIPT = Path(__file__).resolve()
 
@@ -52,7 +52,7 @@ def all_reduce_floats(preset: str) -> int:
     """Floats in one step's all-reduce: parameters, metrics (losses, accuracy) and the count."""
     config = data_root(mg.preset(preset))
     model = build_model(config)
-    tasks = TaskSource(config).sample("train", 1, torch.Generator().manual_seed(0))
+    tasks = task_source(config.data).sample("train", 1, torch.Generator().manual_seed(0))
     grads, metrics = mg.meta_gradient(build_estimator(config, model), mg.params_of(model), tasks)
     return sum(v.numel() for v in (*grads.values(), *metrics.values())) + 1
 

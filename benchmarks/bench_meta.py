@@ -6,8 +6,12 @@ inner SGD at lr 0.4. Every metagrad estimator runs through ``mg.meta_gradient`` 
 second-order MAML also runs in ``higher`` and ``torchopt`` (when installed: the ``bench`` extra) and
 as a plain ``functional_call`` + ``torch.autograd.grad(create_graph=True)`` loop, these on the
 usual PyTorch Conv4 (``nn.Conv2d``, ``nn.BatchNorm2d(track_running_stats=False)``), and the plain
-loop also on ``mg.models.Conv4``. Repetitions are interleaved (every implementation once per
-round); the tables give medians and each one's speed-up over the fastest other library.
+loop also on ``mg.models.Conv4``. ``user-maml`` is second-order MAML as a user writes it outside
+the package (:class:`UserMAML` below: a frozen dataclass on ``mg.EstimatorBase``, its steps
+written by hand with ``mg.autodiff.grad_and_value``), run by ``mg.meta_gradient`` like the
+built-in ``maml``: the same execution path, so its time should match. Repetitions are interleaved
+(every implementation once per round); the tables give medians, each one's speed-up over the
+fastest other library, and ``user-maml``'s time over ``maml``'s.
 
     python benchmarks/bench_meta.py                  # the four configs, 5 rounds, check, memory
     python benchmarks/bench_meta.py --quick          # a tiny smoke run
@@ -71,10 +75,17 @@ CONFIGS = {
     "quick": Config(3, 1, 2, 1, queries=2),
 }
 LR = 0.4
-ESTIMATORS = ["maml", "fomaml", "anil", "reptile", "leap", "imaml-gd", "imaml-hf"]
+ESTIMATORS = ["maml", "fomaml", "anil", "reptile", "leap", "imaml-gd", "imaml-hf", "user-maml"]
 LIBRARIES = ["plain", "higher", "torchopt"]
 IMPLS = ESTIMATORS + LIBRARIES + ["plain-mg-conv4"]
-SECOND_ORDER = ["maml", "maml-serial", *LIBRARIES, "plain-mg-conv4"]  # the same meta-gradient
+SECOND_ORDER = [
+    "maml",
+    "maml-serial",
+    "user-maml",
+    "user-maml-serial",
+    *LIBRARIES,
+    "plain-mg-conv4",
+]
 Run = Callable[[], list[Tensor]]
 DEVICE = torch.device("cpu")  # --device
 
@@ -114,6 +125,30 @@ def load(model: nn.Module, init: list[Tensor]) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True, eq=False)
+class UserMAML(mg.EstimatorBase):
+    """Second-order MAML written outside the package: ``phi = theta - lr grad L_s(theta)``,
+    ``steps`` times, and the gradient of ``L_q(phi(theta))`` through the steps."""
+
+    loss: mg.LossFn
+    inner: mg.GradientDescent
+
+    def meta_grad(self, theta: mg.Params, task: mg.Task) -> tuple[mg.Params, mg.Metrics]:
+        def support_loss(p: mg.Params) -> Tensor:
+            return self.loss(p, task.support)
+
+        def query_loss(th: mg.Params) -> tuple[Tensor, Tensor]:
+            phi, losses = th, []
+            for _ in range(self.inner.steps):
+                g, value = mg.autodiff.grad_and_value(support_loss)(phi)
+                phi = {k: phi[k] - self.inner.lr * g[k] for k in phi}
+                losses.append(value)
+            return self.loss(phi, task.query), torch.stack(losses)
+
+        grad, (value, losses) = mg.autodiff.grad_and_value(query_loss, has_aux=True)(theta)
+        return grad, {"query_loss": value.detach(), "inner_losses": losses.detach()}
+
+
 def estimator(name: str, loss: mg.Loss, steps: int) -> mg.Estimator:
     gd = mg.GradientDescent(lr=LR, steps=steps)
     return {
@@ -124,6 +159,7 @@ def estimator(name: str, loss: mg.Loss, steps: int) -> mg.Estimator:
         "leap": lambda: mg.Leap(loss, gd),
         "imaml-gd": lambda: mg.IMAML(loss, gd, lam=2.0, cg_steps=5),
         "imaml-hf": lambda: mg.IMAML(loss, mg.NewtonCG(steps=steps, cg_steps=5), lam=2.0),
+        "user-maml": lambda: UserMAML(loss, gd),
     }[name]()
 
 
@@ -155,15 +191,15 @@ def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Ru
                     g = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
                     phi = {k: v - LR * gk for (k, v), gk in zip(phi.items(), g, strict=True)}
                 loss = F.cross_entropy(functional_call(model, phi, (xq[i],)), yq[i])
-                for t, g in zip(
+                for t, gt in zip(
                     total, torch.autograd.grad(loss, list(theta.values())), strict=True
                 ):
-                    t.add_(g, alpha=1.0 / n)
+                    t.add_(gt, alpha=1.0 / n)
             return total
 
         return plain, list(theta.values())
     model = load(standard_conv4(cfg.ways).to(init[0]), init)
-    params = list(model.parameters())
+    params: list[Tensor] = list(model.parameters())
     if name == "higher":
         import higher
 
@@ -289,9 +325,9 @@ def memory_point(cfg: Config, name: str) -> float:
     if DEVICE.type == "cuda":  # the device's allocator: the peak of allocated memory
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_allocated() / 2**20
         meta_iteration(run, params, opt)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        return torch.cuda.max_memory_allocated() / 2**20 - before
     try:  # reset the peak (VmHWM) to the current resident size
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -372,6 +408,10 @@ def report(name: str, cfg: Config, times: dict, errors: dict, memory: dict, work
         if k in work:
             gflop, rate = f"{work[k] / 1e9:.2f}", f"{work[k] / 1e9 / w:.1f}"
         lines.append(f"| {k} | {w:.3f} | {c:.3f} | {ratio} | {err} | {mem} | {gflop} | {rate} |")
+    for user, builtin in (("user-maml", "maml"), ("user-maml-serial", "maml-serial")):
+        if user in times and builtin in times:
+            over = median(times[user]["wall"]) / median(times[builtin]["wall"])
+            lines.append(f"\n{user} / {builtin} (wall, median): {over:.2f}")
     if best and "maml" in work:
         need = work["maml"] / 1e9 / (best / 2)
         lines.append(f"\nMAML at 2x the fastest library: {need:.1f} GFLOP/s.")

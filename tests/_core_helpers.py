@@ -44,6 +44,7 @@ def small_conv_task(n_tasks: int = 2, ways: int = 3, shots: int = 2, seed: int =
     """A small Conv4 (or a net with the native batch-norm kernel) on random images."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    model: nn.Module
     if native:
         model = nn.Sequential(
             nn.Conv2d(1, 4, 3, stride=2, padding=1),

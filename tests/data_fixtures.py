@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import os
 import threading
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,20 +87,18 @@ _FULL: dict[str, object] = {}
 
 @pytest.fixture
 def full_omniglot(tmp_path_factory: pytest.TempPathFactory) -> Omniglot:
-    """The full data set, decoded once per session into a fresh cache folder (timed)."""
+    """The full data set, decoded once per session into a fresh cache folder."""
     root = shared_root()
     if "ds" not in _FULL:
         cache = tmp_path_factory.mktemp("omniglot-cache")
-        start = time.perf_counter()
         _FULL["ds"] = Omniglot(root, cache_dir=cache)
-        _FULL["first_load_s"] = time.perf_counter() - start
         _FULL["cache"] = cache
     return _FULL["ds"]  # type: ignore[return-value]
 
 
 @pytest.fixture
 def full_omniglot_info(full_omniglot: Omniglot) -> dict[str, object]:
-    """``first_load_s`` (the timed first decode) and ``cache`` (its folder)."""
+    """``cache``: the folder the session's first load decoded into."""
     return _FULL
 
 

@@ -16,6 +16,7 @@ def _load(name: str):
     sys.path.insert(0, str(BENCH))
     try:
         spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
@@ -34,9 +35,19 @@ def one_thread():
 
 def test_quick_run_and_check(one_thread, capsys):
     bench = _load("bench_meta")
-    assert bench.main(["--quick", "--impls", "maml,plain,plain-mg-conv4", "--threads", "1"]) == 0
+    impls = "maml,user-maml,plain,plain-mg-conv4"
+    assert bench.main(["--quick", "--impls", impls, "--threads", "1"]) == 0  # the check passes
     out = capsys.readouterr().out
-    assert "| maml |" in out and "| plain |" in out
+    assert "| maml |" in out and "| plain |" in out and "| user-maml |" in out
+    assert "user-maml / maml (wall, median): " in out
+
+
+def test_the_user_defined_maml_is_maml(one_thread):
+    """The benchmark's user-written MAML, in float64, against the plain autograd loop."""
+    bench = _load("bench_meta")
+    errors = bench.check(bench.CONFIGS["quick"], ["user-maml", "user-maml-serial", "maml"])
+    assert set(errors) == {"user-maml", "user-maml-serial", "maml"}
+    assert all(e < 1e-10 for e in errors.values()), errors
 
 
 def test_check_catches_a_wrong_meta_gradient(one_thread, monkeypatch):
@@ -88,3 +99,11 @@ def test_kernel_script_quick(one_thread, capsys):
     assert kernels.main(["--quick", "--impls", "maml"]) == 0
     out = capsys.readouterr().out
     assert "| 2 | 64x14x14 -> 64x7x7 |" in out and "| quick | maml |" in out
+
+
+def test_data_script_quick(one_thread, capsys):
+    """The data benchmark's synthetic sampling row, with its claim (not asserted: a speed)."""
+    data = _load("bench_data")
+    assert data.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic 5-way 1-shot, 15 queries" in out and ">= 10,000 tasks/min" in out

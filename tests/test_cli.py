@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from metagrad import cli
-from metagrad.config import PRESETS, SECTIONS
+from metagrad.training import PRESETS, SECTIONS
 
 TINY = ["--steps", "3", "--meta-batch", "2", "--eval-tasks", "10", "--no-tensorboard"]
 
@@ -20,7 +20,8 @@ def _other_value(field: dataclasses.Field, hint: object) -> tuple[list[str], obj
     flag = "--" + (field.metadata.get("flag") or field.name).replace("_", "-")
     default, choices = field.default, field.metadata.get("choices")
     if typing.get_origin(hint) is tuple:
-        return [flag, "a.", "b."], ("a.", "b.")
+        values = ("a.", "b.") if typing.get_args(hint)[0] is str else (0.25, 0.5)
+        return [flag, *map(str, values)], values
     base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     if base[0] is bool:
         return ([flag.replace("--", "--no-")] if default else [flag]), not default

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from metagrad.config import PRESETS, SECTIONS, Config, field_section, preset
+from metagrad.training import PRESETS, SECTIONS, Config, field_section, preset
 
 ALGOS = ("maml", "fomaml", "reptile", "imaml-gd", "imaml-hf", "anil")
 
@@ -56,7 +56,7 @@ def test_algorithm_presets_pick_their_estimator():
 
 
 def test_imaml_damping_reaches_the_estimator():
-    from metagrad._build import build_estimator, build_model
+    from metagrad.training import build_estimator, build_model
 
     config = preset("sinusoid-imaml-gd").override(cg_damping=1.0, lam_damping=10.0)
     est = build_estimator(config, build_model(config))

@@ -25,6 +25,24 @@ VARIANTS = {
     "imaml-hf": lambda loss: mg.build("imaml", loss, HF, lam=2.0, cg_steps=3),
     "imaml-damped": lambda loss: mg.IMAML(loss, GD, lam=2.0, cg_damping=1.0, lam_damping=10.0),
     "maml-through-newton-cg": lambda loss: mg.MAML(loss, mg.NewtonCG(steps=1, cg_steps=2)),
+    # The other registered solvers, and MAML's truncate and checkpoint options.
+    "maml-momentum": lambda loss: mg.build("maml", loss, SOLVERS["momentum"]),
+    "maml-nesterov-checkpoint": lambda loss: mg.MAML(loss, SOLVERS["nesterov"], checkpoint=True),
+    "maml-adam-truncate": lambda loss: mg.MAML(loss, SOLVERS["adam"], truncate=1),
+    "fomaml-nesterov": lambda loss: mg.build("fomaml", loss, SOLVERS["nesterov"]),
+    "reptile-adam": lambda loss: mg.build("reptile", loss, SOLVERS["adam"]),
+    "leap-momentum": lambda loss: mg.build("leap", loss, SOLVERS["momentum"]),
+    "imaml-nesterov": lambda loss: mg.IMAML(loss, SOLVERS["nesterov"], lam=2.0, cg_steps=3),
+}
+SOLVERS = {  # one of each registered inner solver, mini-batches (of 4) included
+    "gd": GD,
+    "newton-cg": HF,
+    "momentum": mg.Momentum(lr=0.1, steps=2, momentum=0.5),
+    "nesterov": mg.Momentum(lr=0.1, steps=2, momentum=0.5, nesterov=True, batch_size=4),
+    # Adam divides by |g| + eps: the conv biases before batch norm have zero gradient up to
+    # rounding (~1e-10), and with eps=1e-8 that noise alone moves them by ~lr/100, so two
+    # summation orders (threads) disagree at 1e-9. eps=1e-3 keeps the step well-conditioned.
+    "adam": mg.Adam(lr=0.01, steps=2, eps=1e-3, batch_size=4),
 }
 
 PROBLEMS = {"mlp": small_mlp_task, "conv4": small_conv_task}
@@ -32,14 +50,26 @@ HEAVY = {"imaml-hf", "imaml-damped", "maml-through-newton-cg"}  # Hessian-vector
 
 
 def _cases(*axes):
-    """Parameter grid; the Hessian-vector-product variants on conv nets are marked slow."""
+    """Parameter grid (a list: pytest takes collections); the Hessian-vector-product variants on
+    conv nets are marked slow."""
+    cases = []
     for combo in itertools.product(*axes):
         heavy = combo[0] in HEAVY and combo[1] in ("conv4", False, True)
-        yield pytest.param(*combo, marks=[pytest.mark.slow] if heavy else [])
+        cases.append(pytest.param(*combo, marks=[pytest.mark.slow] if heavy else []))
+    return cases
 
 
 def test_every_registered_algorithm_is_covered():
     assert set(mg.ALGORITHMS) <= {name.split("-")[0] for name in VARIANTS}
+
+
+def test_every_registered_solver_is_covered():
+    assert set(SOLVERS) == set(mg.INNER_SOLVERS)
+    for name, solver in SOLVERS.items():
+        assert type(solver) is type(mg.INNER_SOLVERS.build(name, steps=2)), name
+    loss = small_mlp_task()[1]
+    used = {id(build(loss).inner) for build in VARIANTS.values()}
+    assert {id(s) for s in SOLVERS.values()} <= used
 
 
 @pytest.mark.parametrize("variant,problem", _cases(sorted(VARIANTS), sorted(PROBLEMS)))

@@ -4,6 +4,8 @@ the budget, the closed form, and the `metagrad experiment` command line."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 import torch
@@ -103,7 +105,13 @@ def test_metagrad_accuracy_quick(tmp_path):
 def test_compute_memory_quick(tmp_path):
     report = run_experiment("compute-memory", Options(out=tmp_path, quick=True))
     seconds, memory = report.tables
-    assert all(c is not None and c > 0 for c in _cells(report, 0))
+    # Times are measurements: here only that each is recorded, finite and non-negative (a point
+    # may round to 0.00 s on a fast machine); speed claims belong in benchmarks/.
+    assert all(c is not None and math.isfinite(c) and c >= 0 for c in _cells(report, 0))
+    for points in report.info["points"].values():
+        for point in points.values():
+            assert all(math.isfinite(t) and t >= 0 for t in point["times"])
+            assert point["seconds"] == statistics.median(point["times"][1:])
     assert all(c is not None and c >= 0 for c in _cells(report, 1))
     maml = report.info["points"]["MAML"]
     assert maml["5"]["peak_mb"] > 1.3 * maml["1"]["peak_mb"], "MAML keeps every step's graph"

@@ -11,12 +11,11 @@ import torch
 from data_fixtures import shared_root
 
 import metagrad as mg
-from metagrad.config import preset
 from metagrad.experiments import MISSING, Options, run_experiment
 from metagrad.experiments import lake_runs as lr
 from metagrad.experiments import leap_omniglot as lo
 from metagrad.experiments import omniglot_table as ot
-from metagrad.run import RunDir
+from metagrad.training import RunDir, preset
 
 
 def test_train_seconds_adds_the_log_windows(tmp_path):

@@ -8,10 +8,8 @@ import os
 import pytest
 import torch
 
-import metagrad.checkpoint as ckpt
-from metagrad.config import Config, preset
-from metagrad.run import load_run
-from metagrad.train import TrainingError, resume, task_seed, train
+import metagrad.training.checkpoint as ckpt
+from metagrad.training import Config, TrainingError, load_run, preset, resume, task_seed, train
 
 TINY = dict(steps=12, meta_batch=3, log_every=4, checkpoint_every=5, eval_tasks=20)
 

@@ -9,9 +9,7 @@ import torch
 from data_fixtures import shared_root
 
 import metagrad as mg
-from metagrad.config import PRESETS, preset
-from metagrad.evaluate import evaluate_run
-from metagrad.train import train
+from metagrad.training import PRESETS, evaluate_run, preset, train
 
 SHORT = dict(steps=2, meta_batch=2, eval_tasks=10, val_tasks=10, log_every=1, tensorboard=False)
 SHORT["threads"] = 1  # on 2 busy cores one thread is several times faster than two

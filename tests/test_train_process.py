@@ -27,7 +27,9 @@ def start(*args: str) -> subprocess.Popen[str]:
 
 def wait_for_step(proc: subprocess.Popen[str], step: int, timeout: float = 240) -> str:
     """Read the process's log lines until it reports ``step`` or more; returns what it read."""
-    seen, deadline = [], time.monotonic() + timeout
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stderr is not None, "start the process with stderr=subprocess.PIPE"
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:

@@ -15,7 +15,7 @@ published experiments are :mod:`metagrad.experiments`.
 
 from typing import Any
 
-from metagrad import autodiff, data, linalg, models, tasks, tree
+from metagrad import autodiff, data, implicit, linalg, models, tasks, tree
 from metagrad._types import (
     Adapted,
     Batch,
@@ -34,11 +34,15 @@ from metagrad.algorithms import (
     MAML,
     EstimatorBase,
     Leap,
+    Posterior,
+    Predictive,
+    ProbabilisticIMAML,
     Reptile,
     build,
     meta_gradient,
+    predictive,
 )
-from metagrad.inner import INNER_SOLVERS, GradientDescent, NewtonCG
+from metagrad.inner import INNER_SOLVERS, Adam, GradientDescent, Momentum, NewtonCG
 from metagrad.models import MODELS, Loss, loss_fn, params_of
 from metagrad.tasks import task_at
 
@@ -47,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALGORITHMS",
     "ANIL",
+    "Adam",
     "Adapted",
     "Batch",
     "Estimator",
@@ -61,19 +66,25 @@ __all__ = [
     "MAML",
     "MODELS",
     "Metrics",
+    "Momentum",
     "NewtonCG",
     "Params",
+    "Posterior",
+    "Predictive",
+    "ProbabilisticIMAML",
     "Reptile",
     "Task",
     "TaskSampler",
     "autodiff",
     "build",
     "data",
+    "implicit",
     "linalg",
     "loss_fn",
     "meta_gradient",
     "models",
     "params_of",
+    "predictive",
     "task_at",
     "tasks",
     "tree",
@@ -82,18 +93,21 @@ __all__ = [
 # The application layer's names, reachable here too for code written against the first version
 # (``mg.train``, ``mg.load_run``, ...); imported on first use, so ``import metagrad`` stays light.
 _TRAINING = {
-    "PRESETS": "metagrad.config",
-    "Config": "metagrad.config",
-    "preset": "metagrad.config",
-    "Evaluation": "metagrad.evaluate",
-    "evaluate": "metagrad.evaluate",
-    "evaluate_run": "metagrad.evaluate",
-    "Run": "metagrad.run",
-    "load_run": "metagrad.run",
-    "TrainingError": "metagrad.train",
-    "TrainResult": "metagrad.train",
-    "resume": "metagrad.train",
-    "train": "metagrad.train",
+    name: "metagrad.training"
+    for name in (
+        "PRESETS",
+        "Config",
+        "preset",
+        "Evaluation",
+        "evaluate",
+        "evaluate_run",
+        "Run",
+        "load_run",
+        "TrainingError",
+        "TrainResult",
+        "resume",
+        "train",
+    )
 }
 
 

@@ -69,7 +69,8 @@ class InnerSolver(Protocol):
     A solver is differentiable whenever it is called under an outer ``torch.func`` transform.
     """
 
-    steps: int
+    @property
+    def steps(self) -> int: ...
 
     def __call__(
         self,

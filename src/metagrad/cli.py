@@ -6,9 +6,11 @@
     metagrad train --resume DIR [--steps N]
     metagrad eval DIR [--tasks 600] [--split test] [--lake-runs PATH]
     metagrad presets
+    metagrad experiment NAME [--quick] [--out DIR] ...               # see metagrad.experiments
 
-Other modules add subcommands with :func:`register` and list themselves in :data:`PLUGINS`
-(``metagrad experiment``, ``metagrad bench``).
+The flags come from the config dataclasses of :mod:`metagrad.training.config`, whose choices come
+from the registries. A subcommand is added with :func:`register`. Under ``torchrun``, ``metagrad
+train`` hands the outer loop the reducer of :func:`metagrad.training.distributed.session`.
 A user mistake prints one line on stderr and exits non-zero, never a traceback.
 """
 
@@ -16,17 +18,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
 import sys
 import textwrap
 import time
+import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from metagrad.config import DEFAULT_PRESET, PRESETS, SECTIONS, preset
+from metagrad.data.registry import SPLITS
+from metagrad.experiments import _cli as experiment_cli
+from metagrad.experiments._cli import UsageError
+from metagrad.training import (
+    DEFAULT_PRESET,
+    PRESETS,
+    SECTIONS,
+    TrainingError,
+    TrainResult,
+    evaluate_run,
+    preset,
+    resume,
+    train,
+)
+from metagrad.training.config import tuple_fields
+from metagrad.training.distributed import session
+from metagrad.training.reduce import Reducer
+
+__all__ = ["SUBCOMMANDS", "UsageError", "add_config_flags", "main", "parser", "register"]
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 SUBCOMMANDS: dict[str, Command] = {}
@@ -48,10 +68,6 @@ def register(
     SUBCOMMANDS[name] = (help, add_arguments, run)
 
 
-class UsageError(Exception):
-    """A mistake on the command line."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not argparse's usage block
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -60,7 +76,7 @@ class _Parser(argparse.ArgumentParser):
 def _flag_type(hint: Any) -> tuple[Any, bool]:
     """``(base type, is optional)`` of a field's type hint."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return args[0], True
     return hint, False
 
@@ -78,7 +94,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             if base is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(base) is tuple:
-                kw.update(nargs="+", metavar="PREFIX")
+                item, *rest = typing.get_args(base)  # tuple[str, ...] or tuple[float, float]
+                nargs = "+" if rest == [Ellipsis] else 1 + len(rest)
+                kw.update(nargs=nargs, type=item, metavar="PREFIX" if item is str else "X")
             else:
                 kw.update(type=base, choices=f.metadata.get("choices"))
                 kw["metavar"] = None if kw["choices"] else base.__name__.upper()
@@ -88,8 +106,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def _config_changes(args: argparse.Namespace) -> dict[str, Any]:
     names = {f.name for kind in SECTIONS.values() for f in dataclasses.fields(kind)}
     changes = {k: v for k, v in vars(args).items() if k in names}
-    if "head" in changes:
-        changes["head"] = tuple(changes["head"])
+    for name in changes.keys() & {n for kind in SECTIONS.values() for n in tuple_fields(kind)}:
+        changes[name] = tuple(changes[name])
     return changes
 
 
@@ -106,26 +124,22 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from metagrad.distributed import session
-
-    with session(args.dist_timeout) as ranks:  # under torchrun: is_main and gradient; else {}
-        return _train(args, ranks)
+    with session(args.dist_timeout) as reducer:  # under torchrun: the all-reduce; else Local
+        return _train(args, reducer)
 
 
-def _train(args: argparse.Namespace, ranks: dict[str, Any]) -> int:
-    from metagrad.train import resume, train
-
+def _train(args: argparse.Namespace, reducer: Reducer) -> int:
     changes = _config_changes(args)
     if args.resume:
         if args.preset or args.out:
             raise UsageError("--resume continues a run as configured: drop --preset and --out")
-        result = resume(args.resume, progress=args.progress, **ranks, **changes)
+        result = resume(args.resume, progress=args.progress, reducer=reducer, **changes)
     else:
         name = args.preset or DEFAULT_PRESET
         config = preset(name).override(**changes)
         out = Path(args.out) if args.out else _default_out(name)
         print(f"metagrad: training {name} in {out}", file=sys.stderr)
-        result = train(config, out, progress=args.progress, **ranks)
+        result = train(config, out, progress=args.progress, reducer=reducer)
     if result.interrupted:
         print(
             f"metagrad: interrupted at step {result.step}; checkpoint saved. Resume with: "
@@ -145,7 +159,7 @@ def _default_out(name: str) -> Path:
     return out
 
 
-def _report(result: Any) -> None:
+def _report(result: TrainResult) -> None:
     ev = result.evaluation
     print(f"run: {result.path} (step {result.step})")
     if ev is not None and ev.accuracy is None:
@@ -162,7 +176,7 @@ def _report(result: Any) -> None:
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="the run folder")
     p.add_argument("--tasks", type=int, help="evaluation tasks (default: the run's eval_tasks)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--lake-runs", metavar="PATH", help="Lake's one-shot runs: report error rate")
     p.add_argument("--data", help="Omniglot folder, if it moved since training")
     p.add_argument("--device", choices=("cpu", "cuda"))
@@ -170,8 +184,6 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from metagrad.evaluate import evaluate_run
-
     ev, path = evaluate_run(
         args.run,
         tasks=args.tasks,
@@ -209,15 +221,11 @@ def _run_presets(args: argparse.Namespace) -> int:
 register("train", "meta-train (default: MAML on sinusoid)", _train_arguments, _run_train)
 register("eval", "evaluate a run on fixed held-out tasks", _eval_arguments, _run_eval)
 register("presets", "list the presets and their sources", _presets_arguments, _run_presets)
-
-PLUGINS = ["metagrad.experiments._cli"]
-"""Modules that :func:`register` more subcommands when imported (on the first :func:`parser`)."""
+register("experiment", experiment_cli.HELP, experiment_cli.add_arguments, experiment_cli.run)
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser, with every registered subcommand."""
-    for module in PLUGINS:
-        importlib.import_module(module)
     top = _Parser(prog="metagrad", description="Gradient-based meta-learning on PyTorch.")
     subs = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help, add_arguments, _) in SUBCOMMANDS.items():
@@ -227,8 +235,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``metagrad ARGS``; returns the exit status (user mistakes: one line on stderr)."""
-    from metagrad.train import TrainingError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser().parse_args(argv)

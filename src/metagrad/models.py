@@ -27,6 +27,7 @@ __all__ = [
     "Conv4",
     "Loss",
     "MLP",
+    "ResNet12",
     "conv4_mini_imagenet",
     "loss_fn",
     "params_of",
@@ -253,6 +254,73 @@ def loss_fn(model: nn.Module, kind: _Kind | Callable[[Tensor, Tensor], Tensor]) 
     return Loss(model, kind)
 
 
+class _ResidualBlock(nn.Module):
+    """Three 3x3 convolutions with batch norm, a 1x1 convolution shortcut, leaky ReLU, max-pool."""
+
+    def __init__(self, cin: int, cout: int, slope: float) -> None:
+        super().__init__()
+        self.slope = slope
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False), BatchNorm(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), BatchNorm(cout)
+        self.conv3, self.bn3 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), BatchNorm(cout)
+        self.shortcut, self.bn_shortcut = nn.Conv2d(cin, cout, 1, bias=False), BatchNorm(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # BatchNorm fuses only a plain ReLU, so the leaky ReLU is a separate (out-of-place) op.
+        out = F.leaky_relu(self.bn1(self.conv1(x)), self.slope)
+        out = F.leaky_relu(self.bn2(self.conv2(out)), self.slope)
+        out = self.bn3(self.conv3(out)) + self.bn_shortcut(self.shortcut(x))
+        return F.max_pool2d(F.leaky_relu(out, self.slope), 2)
+
+
+class ResNet12(nn.Module):
+    """The ResNet-12 of TADAM (Oreshkin et al., 2018) and MetaOptNet (Lee et al., 2019).
+
+    Four residual blocks of ``channels`` (64-160-320-640) output channels. Each block:
+    ``z = bn(conv3(a(bn(conv2(a(bn(conv1(x))))))))``, ``y = maxpool2x2(a(z + bn(conv1x1(x))))``
+    with ``a`` the leaky ReLU of slope 0.1, 3x3 convolutions without bias (padding 1) and batch
+    norm on batch statistics (:class:`BatchNorm`). Then the features, flattened
+    (``pool="flatten"``: 640 x 5 x 5 = 16000 for 84x84 inputs, as in MetaOptNet; 640 x 2 x 2 for
+    32x32) or averaged over space (``pool="avg"``: 640), and a linear ``head``, so
+    ``ANIL(..., head=("head.",))`` adapts the head only. MetaOptNet's DropBlock and dropout are
+    left out: they would make the meta-gradient random. Pure under ``functional_call``: no
+    in-place operation touches a parameter or an activation.
+
+    >>> ResNet12(5, channels=(2, 2, 3, 3), image_size=16)(torch.zeros(4, 3, 16, 16)).shape
+    torch.Size([4, 5])
+    """
+
+    def __init__(
+        self,
+        n_way: int = 5,
+        in_channels: int = 3,
+        image_size: int = 84,
+        channels: tuple[int, int, int, int] = (64, 160, 320, 640),
+        pool: Literal["flatten", "avg"] = "flatten",
+        slope: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if len(channels) != 4 or any(not isinstance(c, int) or c < 1 for c in channels):
+            raise ValueError(
+                f"channels={channels}: give 4 positive integers, e.g. (64, 160, 320, 640)"
+            )
+        if pool not in ("flatten", "avg"):
+            raise ValueError(f"pool={pool!r}: use 'flatten' (MetaOptNet) or 'avg'")
+        size = image_size // 16  # four 2x2 max-pools, each rounding down
+        if size < 1:
+            raise ValueError(f"image_size={image_size} is under 16, too small for 4 max-pools")
+        widths = (in_channels, *channels)
+        self.pool = pool
+        self.blocks = nn.Sequential(
+            *(_ResidualBlock(a, b, slope) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        )
+        self.head = nn.Linear(channels[-1] * (size * size if pool == "flatten" else 1), n_way)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(x)
+        return self.head(x.mean((-2, -1)) if self.pool == "avg" else x.flatten(1))
+
+
 MODELS: Registry[nn.Module] = Registry("architecture")
 """Name -> ``build(in_channels=, n_way=, image_size=) -> nn.Module``; the ``--arch`` choices."""
 MODELS.register(
@@ -271,4 +339,9 @@ MODELS.register(
         in_channels, n_way, hidden=32, pool="max", image_size=image_size
     ),
     help="Conv4 of the Mini-ImageNet experiments: 32 channels, 2x2 max-pool",
+)
+MODELS.register(
+    "resnet12",
+    lambda in_channels=3, n_way=5, image_size=84: ResNet12(n_way, in_channels, image_size),
+    help="ResNet-12 of TADAM / MetaOptNet: 64-160-320-640 channels, leaky ReLU, batch statistics",
 )

@@ -1,16 +1,31 @@
-r"""MAML, first-order MAML and ANIL.
+r"""MAML, first-order MAML, ANIL, truncated and checkpointed MAML.
 
 Finn, Abbeel & Levine (2017), *Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks*;
-Raghu et al. (2020), *Rapid Learning or Feature Reuse?* (ANIL).
+Raghu et al. (2020), *Rapid Learning or Feature Reuse?* (ANIL); Shaban et al. (2019), *Truncated
+Back-propagation for Bilevel Optimization* (``truncate``).
 
-With the inner solver :math:`\phi(\theta) = \mathrm{Alg}(\theta, \mathcal{D}^{s})`, the
+With the inner solver's steps :math:`s_{k+1} = T_k(s_k)` from :math:`s_0 = \mathrm{init}(\theta)`
+(the state :math:`s` holds :math:`\phi` and, for momentum or Adam, the solver's own entries), the
 meta-gradient for one task is
 
-.. math::  g = \frac{d}{d\theta} L_q(\phi(\theta)) = J_\phi(\theta)^\top \nabla L_q(\phi),
+.. math::  g = \frac{d}{d\theta} L_q(\phi_S(\theta))
+             = J_0^\top J_1^\top \cdots J_{S-1}^\top \nabla L_q(\phi_S), \qquad
+             J_k = \partial s_{k+1} / \partial s_k,
 
 differentiated through the unrolled inner loop. First-order MAML takes :math:`J_\phi = I`:
 :math:`g = \nabla L_q(\phi)`. ANIL adapts only the head (``head`` name prefixes); the body still
 receives its gradient through the query loss.
+
+``truncate=m`` keeps the Jacobians of the last :math:`m` steps and takes the earlier ones as the
+identity: :math:`g = J_{S-m}^\top \cdots J_{S-1}^\top \nabla L_q(\phi_S)`, applied to
+:math:`\phi_{S-m}` as if it were :math:`\theta` (``m = 0`` is FOMAML, ``m = S`` is MAML); the
+first :math:`S - m` steps build no graph, so memory is that of :math:`m` steps.
+
+``checkpoint=True`` computes the same product, exactly, by a reverse sweep: the forward pass keeps
+only the states :math:`s_k` (parameter-sized tensors), no activations; then, from
+:math:`a_S = \nabla L_q(\phi_S)`, each step is recomputed from :math:`s_k` and differentiated
+once, :math:`a_k = J_k^\top a_{k+1}` (one step's graph at a time, freed after). It runs on both
+backends of :mod:`metagrad.autodiff`, under ``vmap`` too, and combines with ``truncate``.
 
 >>> import metagrad as mg, torch
 >>> model = mg.models.MLP()
@@ -21,24 +36,32 @@ receives its gradient through the query loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from metagrad import autodiff
+from metagrad import autodiff, tree
 from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Metrics, Params, Task
 from metagrad.algorithms._base import EstimatorBase, scored, task_metrics
+from metagrad.inner import IterativeSolver, State, split
 
 
 @dataclass(frozen=True, eq=False)
 class MAML(EstimatorBase):
-    """MAML (second order by default; ``first_order=True`` is FOMAML); ``head`` makes it ANIL."""
+    """MAML (second order by default; ``first_order=True`` is FOMAML); ``head`` makes it ANIL.
+
+    ``truncate=m`` differentiates the last ``m`` inner steps only; ``checkpoint=True`` recomputes
+    each step in the backward pass instead of storing its activations (the same gradient).
+    """
 
     loss: LossFn
     inner: InnerSolver
     first_order: bool = False
     head: tuple[str, ...] | None = None
+    truncate: int | None = None
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.head is not None:
@@ -46,6 +69,31 @@ class MAML(EstimatorBase):
             if not head or not all(isinstance(p, str) and p for p in head):
                 raise ValueError(f"head={self.head!r}: give name prefixes, e.g. head=('head.',)")
             object.__setattr__(self, "head", head)
+        steps = self.inner.steps
+        if self.truncate is not None:
+            m = self.truncate
+            if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= steps:
+                raise ValueError(
+                    f"truncate={m}: give a number of steps in [0, {steps}] (the inner solver's "
+                    f"steps; 0 is first-order MAML, {steps} is MAML), or None"
+                )
+            if self.first_order:
+                raise ValueError(
+                    f"truncate={m} with first_order=True: first-order MAML is truncate=0; "
+                    "give one of them"
+                )
+        if self.checkpoint and self.first_order:
+            raise ValueError(
+                "checkpoint=True with first_order=True: first-order MAML keeps no graph to "
+                "checkpoint; drop checkpoint=True (or first_order=True for exact MAML)"
+            )
+        if (self.checkpoint or self.truncate is not None) and not isinstance(
+            self.inner, IterativeSolver
+        ):
+            raise ValueError(
+                f"truncate and checkpoint need an inner solver written as steps "
+                f"(metagrad.inner.IterativeSolver: init and step), got {type(self.inner).__name__}"
+            )
 
     def keys(self, theta: Params) -> list[str] | None:
         """The adapted parameter names: all (None), or those starting with a ``head`` prefix."""
@@ -67,10 +115,12 @@ class MAML(EstimatorBase):
             grad, (query_loss, accuracy) = autodiff.grad_and_value(score, has_aux=True)(
                 adapted.params, task.query
             )
-        else:  # d/dtheta L_q(phi(theta)), through the unrolled solver
+        elif self.checkpoint:  # J_0^T ... J_{S-1}^T grad L_q(phi), one recomputed step at a time
+            grad, adapted, query_loss, accuracy = self._reverse_sweep(theta, task, keys)
+        else:  # d/dtheta L_q(phi(theta)), through the unrolled solver (its last `truncate` steps)
 
             def query_loss_of(th: Params) -> tuple[Tensor, tuple[tuple, Tensor | None]]:
-                adapted = self.inner(self.loss, th, task.support, keys=keys)
+                adapted = self._unrolled(th, task.support, keys)
                 value, accuracy = score(adapted.params, task.query)
                 return value, (adapted[:2], accuracy)
 
@@ -82,6 +132,99 @@ class MAML(EstimatorBase):
 
     def _adapt(self, theta: Params, support: Batch) -> Adapted:
         return self.inner(self.loss, theta, support, keys=self.keys(theta))
+
+    def _unrolled(self, theta: Params, support: Batch, keys: list[str] | None) -> Adapted:
+        """``phi_S(theta)`` with the Jacobians of the last ``truncate`` steps, J = I before."""
+        steps = self.inner.steps
+        m = steps if self.truncate is None else self.truncate
+        if m == steps:
+            return self.inner(self.loss, theta, support, keys=keys)
+        inner: IterativeSolver = self.inner  # type: ignore[assignment]
+        phi, frozen = split(theta, keys)
+        f = self._objectives(support)
+        state, losses = inner.init(tree.detach(phi)), []
+        for k in range(steps - m):  # no graph
+            state, value, _ = inner.step(f(tree.detach(frozen), k), state, k)
+            losses.append(value)
+        # phi_{S-m}, with d phi_{S-m} / d theta = I: its value plus zero that carries theta's graph
+        start = {n: v.detach() + (phi[n] - phi[n].detach()) for n, v in state["params"].items()}
+        state = {**{p: tree.detach(s) for p, s in state.items()}, "params": start}
+        for k in range(steps - m, steps):
+            state, value, _ = inner.step(f(frozen, k), state, k)
+            losses.append(value)
+        return Adapted({**frozen, **state["params"]}, torch.stack(losses))
+
+    def _objectives(self, support: Batch) -> Callable[[Params, int], Callable[[Params], Tensor]]:
+        """``(frozen, k) ->`` step ``k``'s loss of the adapted parameters, on its mini-batch."""
+        batch_at = self.inner.batches(support)  # type: ignore[attr-defined]
+        return lambda frozen, k: lambda p: self.loss({**frozen, **p}, batch_at(k))
+
+    def _reverse_sweep(
+        self, theta: Params, task: Task, keys: list[str] | None
+    ) -> tuple[Params, Adapted, Tensor, Tensor | None]:
+        """The checkpointed meta-gradient: the states forward, then ``a_k = J_k^T a_{k+1}``."""
+        inner: IterativeSolver = self.inner  # type: ignore[assignment]
+        steps = inner.steps
+        m = steps if self.truncate is None else self.truncate
+        phi, frozen = split(tree.detach(theta), keys)
+        f = self._objectives(task.support)
+        state, kept, losses = inner.init(phi), [], []
+        for k in range(steps):  # no graph; keep the states the sweep starts its steps from
+            if k >= steps - m:
+                kept.append(state)
+            state, value, _ = inner.step(f(frozen, k), state, k)
+            losses.append(value)
+        final = state["params"]
+        grad_q, (query_loss, accuracy) = autodiff.grad_and_value(scored(self.loss), has_aux=True)(
+            {**frozen, **final}, task.query
+        )
+        a = {p: tree.zeros_like(s) for p, s in state.items()}  # a_S = d L_q / d s_S
+        a["params"] = {n: grad_q[n] for n in final}
+        g_frozen = {n: grad_q[n] for n in frozen}
+        for k in reversed(range(steps - m, steps)):
+
+            def pulled(x: Params, k: int = k, a: State = a) -> Tensor:  # <T_k(s, frozen), a>
+                s, fr = _unflat(x)
+                return _dot(inner.step(f(fr, k), s, k)[0], a)
+
+            dx, _ = autodiff.grad_and_value(pulled)(_flat(kept[k - steps + m], frozen))
+            a, d_frozen = _unflat(dx)  # a_k = J_k^T a_{k+1}, and the frozen entries' share
+            g_frozen = tree.add(g_frozen, d_frozen)
+        if m == steps:  # through s_0 = init(theta)
+            g_phi, _ = autodiff.grad_and_value(lambda p: _dot(inner.init(p), a))(phi)
+        else:  # d phi_{S-m} / d theta = I
+            g_phi = a["params"]
+        grad = {**g_frozen, **g_phi}
+        adapted = Adapted({**frozen, **final}, _stack(losses, final))
+        return {n: grad[n] for n in theta}, adapted, query_loss, accuracy
+
+
+def _dot(state: State, cotangent: State) -> Tensor:
+    """``<state, cotangent>`` over every entry of every part."""
+    return torch.stack([tree.vdot(state[p], cotangent[p]) for p in state]).sum()
+
+
+def _flat(state: State, frozen: Params) -> Params:
+    """One ``Params`` of a state and the frozen parameters (keys ``part:name``)."""
+    parts = {**state, "frozen": frozen}
+    return {f"{p}:{n}": v for p, entries in parts.items() for n, v in entries.items()}
+
+
+def _unflat(flat: Params) -> tuple[State, Params]:
+    """The inverse of :func:`_flat`: ``(state, frozen)``."""
+    parts: dict[str, Params] = {}
+    for key, v in flat.items():
+        p, n = key.split(":", 1)
+        parts.setdefault(p, {})[n] = v
+    frozen = parts.pop("frozen", {})
+    return parts, frozen
+
+
+def _stack(losses: list[Tensor], like: Params) -> Tensor:
+    if losses:
+        return torch.stack(losses)
+    v = next(iter(like.values()))
+    return torch.zeros(0, dtype=v.dtype, device=v.device)
 
 
 def ANIL(  # noqa: N802 (a constructor, named like the class it stands for)

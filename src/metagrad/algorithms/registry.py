@@ -44,6 +44,7 @@ ALGORITHMS.register(
         "cg_steps": "cg_steps",
         "cg_damping": "cg_damping",
         "lam_damping": "lam_damping",
+        "learn_lam": "learn_lam",
     },
     help="iMAML: implicit meta-gradient of the proximal inner problem, by CG",
     solvers=("gd", "newton-cg"),

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from metagrad.data.omniglot import Omniglot
+
+class Omniglot(Protocol):
+    """What the splits read of :class:`metagrad.data.Omniglot` (a protocol: no import cycle)."""
+
+    root: Path
+    alphabets: tuple[str, ...]
+    background: tuple[bool, ...]
+
+    def __len__(self) -> int: ...
+
+    def characters(self, alphabet: str) -> list[int]: ...
+
+    def class_names(self, indices: Iterable[int] | None = None) -> list[str]: ...
+
 
 PROTOCOLS = ("maml", "vinyals", "lake")
 DEFAULT_ROTATIONS: dict[str, bool | frozenset[str]] = {

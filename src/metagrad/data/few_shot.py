@@ -29,42 +29,68 @@ def parse_class_name(name: str) -> tuple[str, int]:
 
 @dataclass(frozen=True, eq=False)
 class ClassSet:
-    """The classes of a split: a character's drawings under one rotation each.
+    """The classes of a split: a row of stored images each, under one rotation.
 
-    ``images`` is ``(characters, drawings, H, W)`` uint8 with 255 = stroke, usually the whole data
-    set's storage (shared, not copied); class ``c`` is ``images[index[c]]`` turned counter-clockwise
-    by ``quarter_turns[c] * 90`` degrees, and is called ``names[c]``
-    (``"Alphabet/characterNN/rotDDD"``). ``to_json()`` gives the names, from which
-    ``Omniglot.classes(names)`` rebuilds the same set (this is how a run folder records its split).
+    ``images`` is ``(rows, drawings, H, W)`` (one channel: Omniglot's characters) or ``(rows,
+    drawings, C, H, W)``, uint8 (0..255) or floating point, usually the whole data set's storage
+    (shared, not copied); class ``c`` is ``images[index[c]]`` turned counter-clockwise by
+    ``quarter_turns[c] * 90`` degrees, and is called ``names[c]`` (``"Alphabet/characterNN/rotDDD"``
+    for Omniglot). ``counts`` (``(rows,)`` int64, optional) is the number of valid images of each
+    row where rows differ in size (tiered-ImageNet's classes): ``images[r, counts[r]:]`` is
+    padding, never sampled; ``None`` means every row is full. ``to_json()`` gives the names, from
+    which the data set's ``classes(names)`` rebuilds the same set (this is how a run folder
+    records its split).
     """
 
     images: Tensor
     index: Tensor
     quarter_turns: Tensor
     names: tuple[str, ...]
+    counts: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+        if not (
+            self.images.dtype == torch.uint8 or self.images.is_floating_point()
+        ) or self.images.dim() not in (4, 5):
             raise ValueError(
-                f"images must be uint8 of shape (characters, drawings, H, W), got "
-                f"{self.images.dtype} {tuple(self.images.shape)}"
+                f"images must be uint8 or floating point of shape (rows, drawings, H, W) or "
+                f"(rows, drawings, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
             )
         n = len(self.names)
         if self.index.shape != (n,) or self.quarter_turns.shape != (n,):
             raise ValueError(f"index and quarter_turns must have shape ({n},), one per name")
         if n == 0:
             raise ValueError("a ClassSet needs at least one class")
+        if self.counts is not None:
+            rows, most = self.images.shape[:2]
+            bad = self.counts.shape != (rows,) or bool(
+                ((self.counts < 1) | (self.counts > most)).any()
+            )
+            if bad:
+                raise ValueError(
+                    f"counts must be None or ({rows},) with values in 1..{most} (the valid images "
+                    f"of each row), got shape {tuple(self.counts.shape)}"
+                )
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __repr__(self) -> str:
-        return f"ClassSet({len(self)} classes, {self.drawings} drawings each)"
+        each = "each" if self.counts is None else "or more each"
+        return f"ClassSet({len(self)} classes, {self.drawings} drawings {each})"
 
     @property
     def drawings(self) -> int:
-        """Drawings per class (20 for Omniglot)."""
-        return self.images.shape[1]
+        """Images of the smallest class (20 for Omniglot, 600 for mini-ImageNet)."""
+        if self.counts is None:
+            return self.images.shape[1]
+        return int(self.counts[self.index.cpu()].min())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image: ``(1, 28, 28)`` Omniglot, ``(3, 84, 84)`` ImageNet."""
+        shape = tuple(self.images.shape[2:])
+        return (1, *shape) if len(shape) == 2 else shape  # type: ignore[return-value]
 
     def to_json(self) -> list[str]:
         """The class names, in order: enough to rebuild the set with ``Omniglot.classes``."""
@@ -88,12 +114,17 @@ class ClassSet:
             torch.tensor([i for _, i, _ in pairs], dtype=torch.int64, device=self.index.device),
             torch.tensor([k for *_, k in pairs], dtype=torch.int64, device=self.index.device),
             tuple(class_name(base, k) for base, _, k in pairs),
+            self.counts,
         )
 
     def to(self, device: torch.device | str) -> ClassSet:
         """The same classes with their images on ``device``."""
         return ClassSet(
-            self.images.to(device), self.index.to(device), self.quarter_turns.to(device), self.names
+            self.images.to(device),
+            self.index.to(device),
+            self.quarter_turns.to(device),
+            self.names,
+            None if self.counts is None else self.counts.to(device),
         )
 
 
@@ -104,12 +135,16 @@ class FewShotSampler:
     class, so labels 0..N-1 land on the classes in a random order per task. Each class then gives
     ``shots + queries`` distinct drawings, the first ``shots`` for support and the rest for query:
     support and query are disjoint by construction. Examples are grouped by label
-    (``y = [0]*K + [1]*K + ...``). Shapes: ``support.x`` ``(n, ways*shots, 1, H, W)`` float32 in
-    [0, 1] with 1 = stroke, ``support.y`` ``(n, ways*shots)`` int64; the query likewise with
-    ``queries``. Randomness comes only from ``generator`` (two ``torch.rand`` draws per call), so a
+    (``y = [0]*K + [1]*K + ...``). Shapes: ``support.x`` ``(n, ways*shots, C, H, W)`` (C = 1 for
+    Omniglot, 3 for the colour data sets), ``support.y`` ``(n, ways*shots)`` int64; the query
+    likewise with ``queries``. Stored uint8 images become float32 in [0, 1] (``x / 255``; for
+    Omniglot 1 = stroke); floating-point images keep their values and dtype. Where classes differ in
+    size (``ClassSet.counts``) the drawings of each class are a uniform draw from its own valid
+    images. Randomness comes only from ``generator`` (two ``torch.rand`` draws per call), so a
     generator in the same state gives the same tasks. The sampler holds its classes' images,
-    rotated, as one uint8 tensor (4400 classes of 20 28x28 drawings: 69 MB), so that a batch of
-    tasks is one gather and one conversion to float.
+    rotated, as one tensor (4400 classes of 20 28x28 drawings: 69 MB; a split that uses every row
+    of its storage unrotated, such as an ImageNet split, shares the storage instead of copying it),
+    so that a batch of tasks is one gather and one conversion to float.
 
     ``rotations``: ``None`` keeps the class set as it is (a split already carries its protocol's
     rotations); ``True`` makes every character four classes (0, 90, 180, 270 degrees), ``False``
@@ -151,6 +186,9 @@ class FewShotSampler:
         self.classes = classes
         self.ways, self.shots, self.queries = ways, shots, queries
         self._store = _materialise(classes)
+        counts = None if classes.counts is None else classes.counts.cpu()[classes.index.cpu()]
+        full = counts is None or bool((counts == self._store.shape[1]).all())
+        self._counts = None if full else counts  # valid images per class, where they differ
 
     def __repr__(self) -> str:
         return (
@@ -176,12 +214,17 @@ class FewShotSampler:
         # The top `ways` of uniform keys is a uniformly random ordered draw without replacement.
         picked = torch.rand(n_tasks, len(store), generator=generator, device=gdev).topk(n, dim=1)[1]
         keys = torch.rand(n_tasks, n, store.shape[1], generator=generator, device=gdev)
+        if self._counts is not None:  # padding sorts last: the first k + q are valid images
+            valid = torch.arange(store.shape[1], device=gdev) < self._counts.to(gdev)[picked, None]
+            keys = keys.masked_fill(~valid, 2.0)
         drawings = keys.argsort(dim=2)[..., : k + q].to(self.device)
         rows = picked.to(self.device).unsqueeze(-1)
 
         def part(columns: Tensor, m: int) -> Batch:
-            # One gather into a contiguous uint8 block, one division into float32: two passes.
-            x = store[rows, columns].div(255.0).view(n_tasks, n * m, 1, *store.shape[-2:])
+            # One gather into a contiguous block, then (uint8) one division into float32.
+            x = store[rows, columns]
+            x = x.div(255.0) if x.dtype == torch.uint8 else x
+            x = x.view(n_tasks, n * m, *store.shape[-3:])
             y = torch.arange(n, device=self.device).repeat_interleave(m).expand(n_tasks, -1)
             return Batch(x, y.contiguous())
 
@@ -189,8 +232,15 @@ class FewShotSampler:
 
 
 def _materialise(classes: ClassSet) -> Tensor:
-    """Every class's drawings, rotated, as one ``(classes, drawings, H, W)`` uint8 tensor."""
-    store = classes.images[classes.index]
+    """Every class's drawings, rotated, as one ``(classes, drawings, C, H, W)`` tensor.
+
+    The storage itself (no copy) where the classes are its rows in order, unrotated.
+    """
+    images = classes.images if classes.images.dim() == 5 else classes.images.unsqueeze(2)
+    rows = torch.arange(len(images), device=classes.index.device)
+    if torch.equal(classes.index, rows) and not bool(classes.quarter_turns.any()):
+        return images
+    store = images[classes.index]
     for turn in (1, 2, 3):
         mask = classes.quarter_turns == turn
         if bool(mask.any()):

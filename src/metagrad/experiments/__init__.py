@@ -24,6 +24,8 @@ EXPERIMENTS: dict[str, str] = {
     "omniglot-table": "metagrad.experiments.omniglot_table",
     "leap-omniglot": "metagrad.experiments.leap_omniglot",
     "lake-runs": "metagrad.experiments.lake_runs",
+    "complexity": "metagrad.experiments.complexity",
+    "hypergradients": "metagrad.experiments.hypergradients",
 }
 """Experiment name -> the module that runs it."""
 

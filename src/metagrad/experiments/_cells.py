@@ -1,12 +1,12 @@
 """Cells: the resumable pieces an experiment's table is assembled from.
 
-A cell is either an ordinary training run (a run folder made by :func:`metagrad.train.train`) or
+A cell is either an ordinary training run (a run folder made by :func:`metagrad.training.train`) or
 a measurement saved as one JSON file. :func:`run_cell` trains, resumes or reuses a run, so that
 calling an experiment again with the same ``--out`` completes whatever had not finished, and a
 :class:`Deadline` (``--budget-minutes``) stops new cells from starting; the table marks the cells
 that have no result with :data:`~metagrad.experiments.MISSING`.
 
->>> from metagrad.config import preset
+>>> from metagrad.training import preset
 >>> config = preset("sinusoid-maml").override(steps=200)
 >>> run_cell(config, "runs/exp/maml")           # doctest: +SKIP
 True
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from metagrad.config import Config
 from metagrad.experiments._report import Options
-from metagrad.run import CONFIG, RunDir
+from metagrad.training import RESUMABLE, Config, TrainingError, resume, train
+from metagrad.training.run import CONFIG, RunDir
 
 __all__ = [
     "Deadline",
@@ -91,8 +91,6 @@ def run_cell(config: Config, path: str | Path, deadline: Deadline | None = None)
     ``deadline`` has expired. A Ctrl-C stops the cell at a checkpoint and raises
     ``KeyboardInterrupt``: the next call resumes it.
     """
-    from metagrad.train import RESUMABLE, resume, train
-
     path = Path(path)
     if (path / CONFIG).is_file():
         changes = _changed(RunDir(path).config(), config)
@@ -121,8 +119,6 @@ def run_or_note(
 ) -> bool:
     """:func:`run_cell`, except that a run that diverges (``TrainingError``) is not finished: its
     folder's name and the reason are appended to ``failed`` (see :func:`diverged_notes`)."""
-    from metagrad.train import TrainingError
-
     try:
         return run_cell(config, path, deadline)
     except TrainingError as e:

@@ -8,19 +8,29 @@
     metagrad experiment omniglot-table --budget-minutes 15 --seeds 1
 
 Calling an experiment again with the same ``--out`` reuses its finished cells and completes the
-others. A user mistake is one line on stderr and a non-zero exit.
+others. A user mistake is one line on stderr and a non-zero exit. :mod:`metagrad.cli` registers
+:func:`add_arguments` and :func:`run` as the ``experiment`` subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
-from metagrad.cli import UsageError, register
+import torch
+
+from metagrad.experiments import EXPERIMENTS, Options, describe, run_experiment
+
+HELP = "run a published experiment (`experiment list`)"
 
 
-def _positive(kind: type):
-    def parse(text: str):
+class UsageError(Exception):
+    """A mistake on the command line (``metagrad`` prints it in one line and exits with 2)."""
+
+
+def _positive(kind: type) -> Callable[[str], object]:
+    def parse(text: str) -> object:
         try:
             value = kind(text)
         except ValueError:
@@ -53,8 +63,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """List the experiments, or run one and print its tables."""
-    from metagrad.experiments import EXPERIMENTS, Options, describe, run_experiment
-
     if args.name == "list":
         for name in EXPERIMENTS:
             try:
@@ -69,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
             "(`metagrad experiment list`)"
         )
     if args.device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise UsageError("--device cuda, but torch sees no CUDA device: use --device cpu")
     options = Options(
@@ -86,6 +92,3 @@ def run(args: argparse.Namespace) -> int:
     run_experiment(args.name, options)
     print(f"written: {options.out}")
     return 0
-
-
-register("experiment", "run a published experiment (`experiment list`)", add_arguments, run)

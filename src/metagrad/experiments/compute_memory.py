@@ -10,6 +10,9 @@ search of up to 10 losses, then 5 CG steps for the meta-gradient).
 What the theory says: MAML differentiates through the S steps, so it keeps S steps of activations
 and its memory grows linearly in S; FOMAML, Reptile and Leap keep none; iMAML's meta-gradient needs
 only the end point :math:`\phi` (a CG solve with :math:`I + H/\lambda`), so its memory is flat in S.
+Checkpointed MAML (``checkpoint=True``, the same gradient as MAML) keeps only the parameters of
+each step, recomputing its activations in the backward pass; MAML truncated to its last 5 steps
+(``truncate=5``) keeps the activations of at most 5 steps.
 Time grows linearly in S for every method.
 
 Each point runs in a fresh process (``python -m metagrad.experiments.compute_memory SPECS``; with
@@ -32,6 +35,7 @@ the same ``--out`` completes the rest::
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -44,15 +48,17 @@ from typing import Any
 
 import torch
 
-import metagrad as mg
-from metagrad._build import TaskSource, build_estimator, build_model
-from metagrad.config import Config, preset
+from metagrad._types import Batch, Task
+from metagrad.algorithms import meta_gradient
 from metagrad.experiments._cells import Deadline, load_json, machine, reject, save_figure, save_json
 from metagrad.experiments._report import Options, Report, Table
+from metagrad.tasks import map_tensors, to_device
+from metagrad.training import Config, build_estimator, build_model, preset, task_source
 
 DESCRIPTION = (
     "iMAML Fig. 2b: seconds and peak memory per meta-iteration against inner steps S, Omniglot "
-    "20-way 5-shot Conv4, MAML / FOMAML / Reptile / Leap / iMAML-GD / iMAML-HF"
+    "20-way 5-shot Conv4, MAML / FOMAML / Reptile / Leap / iMAML-GD / iMAML-HF / checkpointed "
+    "and truncated MAML"
 )
 
 ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -62,6 +68,12 @@ ALGORITHMS: dict[str, tuple[str, dict[str, Any]]] = {
     "Leap": ("omniglot-20w5s-maml", {"algorithm": "leap"}),
     "iMAML-GD": ("omniglot-20w5s-imaml-gd", {}),
     "iMAML-HF": ("omniglot-20w5s-imaml-hf", {}),
+    "MAML, checkpointed": ("omniglot-20w5s-maml", {}),
+    "MAML, truncated to 5": ("omniglot-20w5s-maml", {}),
+}
+ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {  # MAML's options that have no config field yet
+    "MAML, checkpointed": {"checkpoint": True},  # the same gradient; each step recomputed
+    "MAML, truncated to 5": {"truncate": 5},  # the last min(5, S) steps differentiated
 }
 FULL: dict[str, Any] = {
     "ways": 20,
@@ -104,16 +116,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(1)
     config = Config.from_dict(spec["config"])
     model = build_model(config).to(device)
-    theta = mg.params_of(model)
     estimator = build_estimator(config, model)
+    if spec.get("estimator"):
+        estimator = dataclasses.replace(estimator, **spec["estimator"])  # type: ignore[type-var]
+    theta = estimator.init_meta(model)
     optimizer = torch.optim.Adam(list(theta.values()), lr=1e-3)
-    tasks = mg.Task(*(mg.Batch(*(t.to(device) for t in b)) for b in torch.load(spec["tasks"])))
+    support, query = torch.load(spec["tasks"])  # saved as plain tuples by _tasks
+    tasks = to_device(Task(Batch(*support), Batch(*query)), device)
     shots = config.data.shots
-    warm = mg.Task(*(mg.Batch(b.x[:, ::shots], b.y[:, ::shots]) for b in tasks))
+    warm = map_tensors(tasks, lambda t: t[:, ::shots])  # one example per class
 
-    def iteration(batch: mg.Task) -> float:
+    def iteration(batch: Task) -> float:
         start = time.perf_counter()
-        grads, _ = mg.meta_gradient(estimator, theta, batch, mode=config.algo.mode)  # type: ignore[arg-type]
+        grads, _ = meta_gradient(estimator, theta, batch, mode=config.algo.mode)  # type: ignore[arg-type]
         for k, p in theta.items():
             p.grad = grads[k]
         optimizer.step()
@@ -159,12 +174,12 @@ def _tasks(options: Options, setting: dict[str, Any], path: Path) -> str:
     root = options.data or os.environ.get("METAGRAD_OMNIGLOT")
     if root:
         config = point_config("MAML", 1, setting, "cpu").override(root=str(root))
-        task = TaskSource(config).sample("train", n, g)
+        task = task_source(config.data).sample("train", n, g)
         source = f"Omniglot from {root}"
     else:
         labels = torch.arange(ways).repeat_interleave(shots).expand(n, -1)
-        batch = lambda: mg.Batch(torch.rand(n, ways * shots, 1, 28, 28, generator=g), labels)  # noqa: E731
-        task = mg.Task(batch(), batch())
+        batch = lambda: Batch(torch.rand(n, ways * shots, 1, 28, 28, generator=g), labels)  # noqa: E731
+        task = Task(batch(), batch())
         source = "uniform noise images"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tuple(tuple(b) for b in task), path)
@@ -187,6 +202,10 @@ def run(options: Options) -> Report:
     for name, s in points + [("iMAML-HF", s) for s in setting["steps"]]:
         config = point_config(name, s, setting, options.device)
         spec = {"config": config.to_dict(), "tasks": str(cells / "tasks.pt")}
+        if name in ESTIMATOR_OPTIONS:  # truncate to at most the S steps there are
+            extra = dict(ESTIMATOR_OPTIONS[name])
+            spec["estimator"] = {**extra, **({"truncate": min(extra["truncate"], s)}
+                                             if "truncate" in extra else {})}  # fmt: skip
         spec.update(device=options.device, repeats=setting["repeats"], images=images)
         spec = json.loads(json.dumps(spec))  # as saved (tuples become lists), to compare
         result = load_json(cells / f"{name}-S{s}.json")

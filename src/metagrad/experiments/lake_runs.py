@@ -33,15 +33,11 @@ from typing import Any
 
 import torch
 
-from metagrad._build import data_root
-from metagrad.config import Config, preset
 from metagrad.data import LakeRuns, Omniglot, make_lake_runs
-from metagrad.evaluate import mean_ci
 from metagrad.experiments._cells import load_json, machine, reject, run_cell, save_figure, save_json
 from metagrad.experiments._report import Options, Report, Table
 from metagrad.experiments.omniglot_table import planned, train_seconds
-from metagrad.run import load_run
-from metagrad.train import torch_settings
+from metagrad.training import Config, data_root, load_run, mean_ci, preset, torch_settings
 
 DESCRIPTION = (
     "Lake et al. 2015: error on the 20 within-alphabet one-shot runs beside human (4.5%) and BPL "

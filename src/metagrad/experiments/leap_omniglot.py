@@ -35,11 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import metagrad as mg
-from metagrad._build import TaskSource, build_model, data_root
+from metagrad import autodiff
 from metagrad._types import Batch, Params, Task
-from metagrad.config import Config, DataConfig, ModelConfig, preset
-from metagrad.evaluate import mean_ci
 from metagrad.experiments._cells import (
     diverged_notes,
     load_json,
@@ -51,8 +48,20 @@ from metagrad.experiments._cells import (
 )
 from metagrad.experiments._report import Options, Report, Table
 from metagrad.experiments.omniglot_table import planned, train_seconds
-from metagrad.run import load_run
-from metagrad.train import torch_settings
+from metagrad.models import Loss, loss_fn
+from metagrad.tasks import to_device
+from metagrad.training import (
+    Config,
+    build_estimator,
+    build_model,
+    data_root,
+    load_run,
+    mean_ci,
+    preset,
+    task_source,
+    torch_settings,
+)
+from metagrad.training.config import DataConfig
 
 DESCRIPTION = (
     "Leap Fig. 3: Omniglot alphabets as 20-way tasks; area under held-out training curves and "
@@ -101,7 +110,7 @@ def cell_config(
 
 
 def sgd_curves(
-    loss: mg.Loss, theta: Params, tasks: Task, steps: int, seed: int = 0
+    loss: Loss, theta: Params, tasks: Task, steps: int, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Train ``theta`` on every task (stacked on dim 0) by SGD; the curves and final errors.
 
@@ -118,7 +127,7 @@ def sgd_curves(
     )
     rows = torch.arange(n_tasks, device=tasks.support.y.device).unsqueeze(1)
     params = {k: v.detach().unsqueeze(0).repeat_interleave(n_tasks, 0) for k, v in theta.items()}
-    with mg.autodiff.use("func"):  # torch.func transforms of the model
+    with autodiff.use("func"):  # torch.func transforms of the model
         step = torch.func.vmap(torch.func.grad_and_value(loss))
         curve = []
         for s in range(steps):
@@ -138,8 +147,8 @@ def sgd_curves(
 @functools.lru_cache(maxsize=1)
 def _test_tasks(data: DataConfig) -> tuple[Task, list[str]]:
     """The 10 held-out alphabets' tasks and names (they do not depend on ``train_alphabets``)."""
-    source = TaskSource(Config(model=ModelConfig("conv4"), data=data))
-    return source.fixed("test"), source.split_info["test"]  # type: ignore[index]
+    source = task_source(data)
+    return source.fixed("test"), source.split_info["test"]  # type: ignore[index,return-value]
 
 
 def _held_out(config: Config, params: Params, steps: int, path: Path) -> dict[str, Any]:
@@ -149,8 +158,8 @@ def _held_out(config: Config, params: Params, steps: int, path: Path) -> dict[st
         return found
     tasks, names = _test_tasks(dataclasses.replace(config.data, train_alphabets=1))
     device = next(iter(params.values())).device
-    tasks = Task(*(Batch(*(t.to(device) for t in b)) for b in tasks))
-    loss = mg.loss_fn(build_model(config), "cross_entropy")
+    tasks = to_device(tasks, device)
+    loss = loss_fn(build_model(config), "cross_entropy")
     with torch_settings(config):
         out = sgd_curves(loss, params, tasks, steps, config.run.seed)
     result = {
@@ -213,7 +222,8 @@ def run(options: Options) -> Report:
         base = cell_config("Leap", 1, seed, options.device, options.quick)
         base = data_root(base.override(**changes))
         torch.manual_seed(seed)  # the initialisation train() starts from with this seed
-        init = mg.params_of(build_model(base))
+        model = build_model(base)
+        init = build_estimator(base, model).init_meta(model)
         path = cells / f"{BASELINE.replace(' ', '-')}-seed{seed}.json"
         result = _held_out(base, init, budget["sgd_steps"], path)
         scores.setdefault(BASELINE, {}).setdefault(0, []).append(result)  # one per seed

@@ -39,9 +39,14 @@ from typing import Any
 
 import torch
 
-import metagrad as mg
+from metagrad import autodiff
+from metagrad._types import Batch, Params, Task
+from metagrad.algorithms import IMAML
 from metagrad.experiments._cells import machine, reject, save_figure
 from metagrad.experiments._report import Options, Report, Table
+from metagrad.inner import GradientDescent, NewtonCG
+from metagrad.models import Loss, loss_fn
+from metagrad.tasks import task_at, to_device
 
 DESCRIPTION = (
     "iMAML Fig. 2a: relative error of the meta-gradient against compute for MAML, FOMAML and "
@@ -54,7 +59,7 @@ QUICK: dict[str, Any] = {"tasks": 4, "steps": (1, 4, 16, 64)}
 PAPER_CG = 5
 
 
-def make_tasks(n: int, generator: torch.Generator) -> tuple[mg.Task, torch.Tensor]:
+def make_tasks(n: int, generator: torch.Generator) -> tuple[Task, torch.Tensor]:
     """``n`` regression tasks (float64) and the starting point ``theta``.
 
     Input scales spread log-uniformly over [0.3, 3] (so curvatures differ), weights
@@ -65,16 +70,16 @@ def make_tasks(n: int, generator: torch.Generator) -> tuple[mg.Task, torch.Tenso
     w0 = torch.randn(DIM, generator=g, dtype=torch.float64)
     w = w0 + torch.randn(n, DIM, generator=g, dtype=torch.float64)
 
-    def batch(m: int) -> mg.Batch:
+    def batch(m: int) -> Batch:
         x = torch.randn(n, m, DIM, generator=g, dtype=torch.float64) * scale
         y = x @ w.unsqueeze(-1) + 0.1 * torch.randn(n, m, 1, generator=g, dtype=torch.float64)
-        return mg.Batch(x, y)
+        return Batch(x, y)
 
     theta = torch.randn(1, DIM, generator=g, dtype=torch.float64)
-    return mg.Task(batch(SUPPORT), batch(QUERY)), theta
+    return Task(batch(SUPPORT), batch(QUERY)), theta
 
 
-def exact(task: mg.Task, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exact(task: Task, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``g* = (I + H/lam)^{-1} grad L_q(phi*)`` for one task, in closed form, and
     ``grad L_q(phi*)`` (FOMAML's limit as K grows)."""
     (xs, ys), (xq, yq) = task
@@ -86,27 +91,30 @@ def exact(task: mg.Task, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.linalg.solve(eye + h / LAM, grad_q), grad_q
 
 
-def estimates(loss: mg.Loss, task: mg.Task, theta: mg.Params, k: int, lr: float) -> dict:
+def estimates(loss: Loss, task: Task, theta: Params, k: int, lr: float) -> dict:
     """MAML, FOMAML and iMAML (c = K and c = 5) meta-gradients after K inner steps."""
-    gd: Any = mg.GradientDescent(lr=lr, steps=k)  # Any: frozen, so not InnerSolver to mypy
-    imaml = mg.IMAML(loss, gd, lam=LAM, cg_steps=k)
+    gd: Any = GradientDescent(lr=lr, steps=k)  # Any: frozen, so not InnerSolver to mypy
+    imaml = IMAML(loss, gd, lam=LAM, cg_steps=k)
 
-    def query_after_steps(th: mg.Params) -> torch.Tensor:
+    def query_after_steps(th: Params) -> torch.Tensor:
         return loss(gd(imaml.proximal_loss(th), th, task.support).params, task.query)
 
     phi = imaml.adapt(theta, task.support)
+    with autodiff.use("func"):  # torch.func transforms of the inner loop and the loss
+        maml = torch.func.grad(query_after_steps)(theta)
+        fomaml = torch.func.grad(loss)(phi, task.query)
     return {
-        "MAML": torch.func.grad(query_after_steps)(theta),
-        "FOMAML": torch.func.grad(loss)(phi, task.query),
+        "MAML": maml,
+        "FOMAML": fomaml,
         "iMAML, c = K": imaml(theta, task)[0],
-        f"iMAML, c = {PAPER_CG}": mg.IMAML(loss, gd, lam=LAM, cg_steps=PAPER_CG)(theta, task)[0],
+        f"iMAML, c = {PAPER_CG}": IMAML(loss, gd, lam=LAM, cg_steps=PAPER_CG)(theta, task)[0],
     }
 
 
-def exact_inner(loss: mg.Loss, task: mg.Task, theta: mg.Params, c: int) -> mg.Params:
+def exact_inner(loss: Loss, task: Task, theta: Params, c: int) -> Params:
     """iMAML with the inner problem solved exactly (one Newton-CG step) and ``c`` CG steps."""
-    newton: Any = mg.NewtonCG(steps=1, cg_steps=2 * DIM)
-    return mg.IMAML(loss, newton, lam=LAM, cg_steps=c)(theta, task)[0]
+    newton: Any = NewtonCG(steps=1, cg_steps=2 * DIM)
+    return IMAML(loss, newton, lam=LAM, cg_steps=c)(theta, task)[0]
 
 
 COMPUTE = {
@@ -125,16 +133,16 @@ def run(options: Options) -> Report:
     setting = QUICK if options.quick else FULL
     tasks, theta0 = make_tasks(setting["tasks"], torch.Generator().manual_seed(0))
     model = torch.nn.Linear(DIM, 1, bias=False).double().to(options.device)
-    loss = mg.loss_fn(model, "mse")
+    loss = loss_fn(model, "mse")
     theta = {"weight": theta0.to(options.device)}
     hessians = 2 * tasks.support.x.mT @ tasks.support.x / SUPPORT
     lr = 1.0 / (float(torch.linalg.eigvalsh(hessians).max()) + LAM)
     errors: dict[str, dict[int, float]] = {}
     for i in range(setting["tasks"]):
-        task = mg.Task(*(mg.Batch(*(t[i].to(options.device) for t in b)) for b in tasks))
+        task = to_device(task_at(tasks, i), options.device)
         truth, fomaml_limit = exact(task, theta["weight"])
 
-        def err(g: mg.Params, truth: torch.Tensor = truth) -> float:
+        def err(g: Params, truth: torch.Tensor = truth) -> float:
             return float((g["weight"][0] - truth).norm() / truth.norm())
 
         for k in setting["steps"]:

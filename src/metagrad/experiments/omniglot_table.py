@@ -34,10 +34,8 @@ from typing import Any
 
 import torch
 
-import metagrad as mg
-from metagrad._build import TaskSource, build_estimator, build_model, data_root
-from metagrad.config import Config, DataConfig, ModelConfig, preset
-from metagrad.evaluate import mean_ci
+from metagrad.algorithms import meta_gradient
+from metagrad.data import TaskSource
 from metagrad.experiments._cells import (
     diverged_notes,
     load_json,
@@ -47,8 +45,21 @@ from metagrad.experiments._cells import (
     save_figure,
 )
 from metagrad.experiments._report import Options, Report, Table
-from metagrad.run import CONFIG, RunDir
-from metagrad.train import TrainingError, torch_settings
+from metagrad.tasks import to_device
+from metagrad.training import (
+    Config,
+    RunDir,
+    TrainingError,
+    build_estimator,
+    build_model,
+    data_root,
+    mean_ci,
+    preset,
+    task_source,
+    torch_settings,
+)
+from metagrad.training.config import DataConfig
+from metagrad.training.run import CONFIG
 
 DESCRIPTION = (
     "iMAML Table 2: Omniglot 5/20-way 1/5-shot test accuracy of seven meta-learners at equal "
@@ -113,7 +124,8 @@ def step_seconds(config: Config, tasks: int = 2) -> float:
     source = _source(config.data)
     device = torch.device(config.run.device)
     model = build_model(config).to(device)
-    theta, estimator = mg.params_of(model), build_estimator(config, model)
+    estimator = build_estimator(config, model)
+    theta = estimator.init_meta(model)
     g = torch.Generator().manual_seed(config.run.seed)
     k = min(tasks, config.optim.meta_batch)
     with torch_settings(config):
@@ -121,15 +133,15 @@ def step_seconds(config: Config, tasks: int = 2) -> float:
         for n in (1, k):
             start = time.perf_counter()
             batch = source.sample("train", n, g)
-            batch = mg.Task(*(type(b)(*(t.to(device) for t in b)) for b in batch))
-            mg.meta_gradient(estimator, theta, batch, mode=config.algo.mode)  # type: ignore[arg-type]
+            batch = to_device(batch, device)
+            meta_gradient(estimator, theta, batch, mode=config.algo.mode)  # type: ignore[arg-type]
             elapsed.append(time.perf_counter() - start)
     return elapsed[1] / k * config.optim.meta_batch
 
 
 @functools.lru_cache(maxsize=2)
 def _source(data: DataConfig) -> TaskSource:
-    return TaskSource(Config(model=ModelConfig("conv4"), data=data))
+    return task_source(data)
 
 
 def planned(config: Config, path: Path, minutes: float | None, steps: int | None) -> Config:

@@ -35,9 +35,6 @@ from typing import Any
 
 import torch
 
-from metagrad._build import TaskSource
-from metagrad.config import Config, preset
-from metagrad.evaluate import evaluate, mean_ci
 from metagrad.experiments._cells import (
     Deadline,
     diverged_notes,
@@ -47,8 +44,16 @@ from metagrad.experiments._cells import (
     save_figure,
 )
 from metagrad.experiments._report import Options, Report, Table
-from metagrad.run import Run, load_run
-from metagrad.train import torch_settings
+from metagrad.training import (
+    Config,
+    Run,
+    evaluate,
+    load_run,
+    mean_ci,
+    preset,
+    task_source,
+    torch_settings,
+)
 
 DESCRIPTION = (
     "MAML Sec. 5.1, Figs. 2-3: sinusoid MSE after 1/5/10 steps, K = 5/10/20, six meta-learners "
@@ -96,13 +101,13 @@ def cell_config(name: str, steps: int, seed: int, device: str, tasks: int) -> Co
 
 
 def _mse(run: Run, shots: int, steps: int, split: str, tasks: int, lr: float | None = None):
-    """Query MSE (an :class:`~metagrad.evaluate.Evaluation`) after ``steps`` steps on ``shots``."""
+    """Query MSE (an :class:`~metagrad.training.Evaluation`) after ``steps`` steps on ``shots``."""
     changes: dict[str, Any] = {"eval_shots": shots, "eval_inner_steps": steps}
     changes["queries"] = EVAL_QUERIES
     if lr is not None:
         changes["inner_lr"] = lr
     r = run.with_config(**changes)
-    source = TaskSource(r.config)
+    source = task_source(r.config.data)
     return evaluate(r.estimator, r.params, source, split, tasks, r.config.run.eval_seed, "vmap")
 
 

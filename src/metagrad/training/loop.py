@@ -3,13 +3,15 @@ evaluate, checkpoint.
 
 Run it from the command line (``metagrad`` is ``python -m metagrad``)::
 
-    metagrad train                                    # MAML on sinusoid, about a minute on 2 cores
+    metagrad train                                    # MAML on sinusoid (the quickstart preset)
     metagrad train --preset omniglot-5w1s-maml --data PATH --out runs/x
     metagrad train --preset omniglot-20w1s-maml --steps 2000 --inner-steps 5 --out runs/y
     metagrad train --resume runs/x                    # continue where it stopped, bit for bit
     metagrad eval runs/x --tasks 600
 
-or from Python: ``train(preset("sinusoid-maml").override(steps=500), "runs/z")``.
+or from Python: ``train(preset("sinusoid-maml").override(steps=500), "runs/z")``. Under
+``torchrun`` the command line passes the reducer of :mod:`metagrad.training.distributed`; the
+loop is the same (see :mod:`metagrad.training.reduce`).
 
 Determinism: the tasks of step ``t`` come from a ``torch.Generator`` seeded with
 :func:`task_seed` ``(seed, t)``, evaluation tasks from a fixed separate seed, the initialisation
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,23 +30,24 @@ from typing import Any
 import numpy as np
 import torch
 
-import metagrad as mg
-from metagrad._build import TaskSource, build_estimator, build_model, data_root
-from metagrad._types import Metrics, Params, Task
-from metagrad.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, set_rng_state
-from metagrad.config import Config
-from metagrad.evaluate import Evaluation, evaluate, plot_sinusoid
-from metagrad.run import Progress, RunDir, StopOnSigint, check_device, torch_settings
+from metagrad._types import Metrics, Params
+from metagrad.data import TaskSource
+from metagrad.tasks import to_device
+from metagrad.training.build import build_estimator, build_model, data_root, task_source
+from metagrad.training.checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from metagrad.training.config import Config, field_section
+from metagrad.training.evaluate import Evaluation, evaluate
+from metagrad.training.plots import plot_curves, plot_sinusoid
+from metagrad.training.progress import Progress
+from metagrad.training.reduce import Local, Reducer
+from metagrad.training.run import RunDir, StopOnSigint, check_device, load_params, torch_settings
 
-__all__ = [
-    "RESUMABLE",
-    "TrainResult",
-    "TrainingError",
-    "outer_gradient",
-    "resume",
-    "task_seed",
-    "train",
-]
+__all__ = ["RESUMABLE", "TrainResult", "TrainingError", "resume", "task_seed", "train"]
 
 
 class TrainingError(RuntimeError):
@@ -55,15 +57,6 @@ class TrainingError(RuntimeError):
 def task_seed(seed: int, step: int) -> int:
     """The seed of the tasks of outer step ``step``: reproduce them with ``manual_seed(...)``."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def outer_gradient(estimator: Any, theta: Params, tasks: Task, mode: str) -> tuple[Params, Metrics]:
-    """The meta-gradient and metrics averaged over the global meta-batch ``tasks``.
-
-    The one place that sees the whole meta-batch: a distributed version takes its rank's share
-    of the tasks here and all-reduces the flattened gradient and the metrics.
-    """
-    return mg.meta_gradient(estimator, theta, tasks, mode=mode)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -109,36 +102,37 @@ def train(
     out: str | Path,
     *,
     progress: bool | None = None,
-    is_main: bool = True,
-    gradient: Callable[..., tuple[Params, Metrics]] = outer_gradient,
+    reducer: Reducer | None = None,
 ) -> TrainResult:
     """Meta-train ``config`` in a new run folder ``out``; evaluate on the test split at the end.
 
-    ``progress``: a bar (None: when stderr is a terminal), else log lines. ``is_main=False``
-    writes nothing (distributed ranks other than 0); ``gradient`` replaces :func:`outer_gradient`.
+    ``progress``: a bar (None: when stderr is a terminal), else log lines. ``reducer``: where
+    the meta-gradients and evaluation scores are computed (default :class:`~.reduce.Local`);
+    one whose ``is_main`` is false (a distributed rank other than 0) writes nothing.
     Raises ``ValueError`` for a folder that holds a run or other files, and
     :class:`TrainingError` for a non-finite meta-loss, naming the step and its tasks' seed.
     """
+    reducer = reducer or Local()
     check_device(config)
     config = data_root(config)
-    source = TaskSource(config)
-    run = RunDir.create(out, config, source.split_info, is_main=is_main)
-    return _train(config, run, source, False, progress, is_main, gradient)
+    source = task_source(config.data)
+    run = RunDir.create(out, config, source.split_info, is_main=reducer.is_main)
+    return _train(config, run, source, False, progress, reducer)
 
 
 def resume(
     out: str | Path,
     *,
     progress: bool | None = None,
-    is_main: bool = True,
-    gradient: Callable[..., tuple[Params, Metrics]] = outer_gradient,
+    reducer: Reducer | None = None,
     **changes: Any,
 ) -> TrainResult:
     """Continue the run in ``out`` from its last checkpoint; ``changes``: only :data:`RESUMABLE`.
 
     With deterministic kernels the result is bit-identical to a run that never stopped.
     """
-    run, config = RunDir.open(out, is_main=is_main)
+    reducer = reducer or Local()
+    run, config = RunDir.open(out, is_main=reducer.is_main)
     fixed = sorted(k for k, v in changes.items() if k not in RESUMABLE and v != _get(config, k))
     if fixed:
         raise ValueError(
@@ -148,13 +142,11 @@ def resume(
     if changes:
         config = config.override(**changes)
         run.update_config(config)
-    source = TaskSource(config)
-    return _train(config, run, source, True, progress, is_main, gradient)
+    source = task_source(config.data)
+    return _train(config, run, source, True, progress, reducer)
 
 
 def _get(config: Config, name: str) -> Any:
-    from metagrad.config import field_section
-
     return getattr(getattr(config, field_section(name)), name)
 
 
@@ -164,12 +156,11 @@ def _train(
     source: TaskSource,
     resumed: bool,
     progress: bool | None,
-    is_main: bool,
-    gradient: Callable[..., tuple[Params, Metrics]],
+    reducer: Reducer,
 ) -> TrainResult:
     try:
         with torch_settings(config):
-            return _loop(config, run, source, resumed, progress, is_main, gradient)
+            return _loop(config, run, source, resumed, progress, reducer)
     finally:
         run.close()
 
@@ -180,8 +171,7 @@ def _loop(
     source: TaskSource,
     resumed: bool,
     progress: bool | None,
-    is_main: bool,
-    gradient: Callable[..., tuple[Params, Metrics]],
+    reducer: Reducer,
 ) -> TrainResult:
     device = torch.device(config.run.device)
     seed = config.run.seed
@@ -189,18 +179,16 @@ def _loop(
     np.random.seed(seed % 2**32)
     random.seed(seed)
     model = build_model(config).to(device)
-    theta = mg.params_of(model)
     estimator = build_estimator(config, model)
     evaluator = build_estimator(config, model, evaluation=True)
+    theta = estimator.init_meta(model)
     optimizer = _optimizer(config, list(theta.values()))
     generator = torch.Generator()
     generators = {"tasks": generator}
     step = 0
     if resumed and (run.path / CHECKPOINT).is_file():
         state = load_checkpoint(run.path)  # on the CPU: random states must stay there
-        with torch.no_grad():
-            for k, p in theta.items():
-                p.copy_(state["params"][k])
+        load_params(theta, state["params"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], generators)
         step = int(state["step"])
@@ -209,7 +197,7 @@ def _loop(
     def checkpoint() -> None:
         if not all(bool(p.isfinite().all()) for p in theta.values()):
             raise TrainingError(f"non-finite parameters at step {step}: checkpoint not written")
-        if is_main:
+        if reducer.is_main:
             save_checkpoint(
                 run.path, step=step, params=theta, optimizer=optimizer, generators=generators
             )
@@ -227,9 +215,11 @@ def _loop(
                 tasks = source.sample(
                     "train", config.optim.meta_batch, generator.manual_seed(seed_t)
                 )
-                tasks = mg.Task(*(type(b)(*(t.to(device) for t in b)) for b in tasks))
+                tasks = to_device(tasks, device)
                 try:
-                    grads, metrics = gradient(estimator, theta, tasks, config.algo.mode)
+                    grads, metrics = reducer.meta_gradient(
+                        estimator, theta, tasks, config.algo.mode
+                    )
                 except ValueError as e:
                     raise _diverged(run, step, seed_t, str(e)) from e
                 scalars = _scalars(metrics)
@@ -253,7 +243,8 @@ def _loop(
                     bar.log(step, values)
                     window, window_start, window_steps = {}, now, 0
                 if config.run.eval_every and step % config.run.eval_every == 0:
-                    ev = _evaluate(config, evaluator, theta, source, "val", config.run.val_tasks)
+                    n = config.run.val_tasks
+                    ev = _evaluate(config, evaluator, theta, source, "val", n, reducer)
                     run.log(step, ev.scalars(), prefix="val_")
                     bar.write(f"step {step}: validation {ev.summary()}")
                 bar.update(step)
@@ -265,25 +256,34 @@ def _loop(
         bar.close()
     result = TrainResult(run.path, step, theta, interrupted=stop.requested, history=run.metrics())
     if not stop.requested:
-        ev = _evaluate(config, evaluator, theta, source, "test", config.run.eval_tasks)
+        n = config.run.eval_tasks
+        ev = _evaluate(config, evaluator, theta, source, "test", n, reducer)
         run.log(step, ev.scalars(), prefix="test_")
         run.write_json("eval_test.json", ev.to_dict())
         result.evaluation = ev
-        if is_main and config.data.benchmark == "sinusoid":
+        if reducer.is_main and config.data.benchmark == "sinusoid":
             shots = config.data.eval_shots or config.data.shots
             seed = config.run.eval_seed
             result.plots.append(
                 plot_sinusoid(evaluator, theta, run.path / "adapted.png", seed, shots)
             )
-    if is_main and run.metrics():
-        result.plots.insert(0, run.plot())
+    if reducer.is_main and run.metrics():
+        plot_curves(run.metrics(), run.path / "curves.png")
+        result.plots.insert(0, run.path / "curves.png")
     return result
 
 
 def _evaluate(
-    config: Config, est: Any, theta: Params, source: Any, split: str, n: int
+    config: Config,
+    est: Any,
+    theta: Params,
+    source: TaskSource,
+    split: str,
+    n: int,
+    reducer: Reducer,
 ) -> Evaluation:
-    return evaluate(est, theta, source, split, n, config.run.eval_seed, config.algo.mode)
+    seed, mode = config.run.eval_seed, config.algo.mode
+    return evaluate(est, theta, source, split, n, seed, mode, reducer)
 
 
 def _diverged(run: RunDir, step: int, seed: int, what: str) -> TrainingError:

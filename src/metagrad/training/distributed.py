@@ -20,6 +20,8 @@ parameters stay identical without a broadcast. Evaluation tasks are split the sa
 per-task scores summed into one table. Rank 0 alone writes the run folder and prints; the other
 ranks print nothing but their errors. A rank that dies or hangs makes the others raise
 :class:`DistributedError` (one line on stderr, exit status 1) within ``--dist-timeout`` seconds.
+All of this is :class:`AllReduce`, the reducer that :func:`session` gives the outer loop (its one
+seam for distribution, :mod:`metagrad.training.reduce`).
 
 Backends: gloo for CPU tensors and, where CUDA is available, NCCL for CUDA tensors (each rank on
 GPU ``LOCAL_RANK``). Under NCCL a hung peer is caught by NCCL's watchdog, which ends the process.
@@ -33,26 +35,27 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import cast
 
 import torch
 import torch.distributed as dist
 
-import metagrad as mg
 from metagrad import tree
-from metagrad._types import Metrics, Params, Task
-from metagrad.evaluate import scoring
-from metagrad.train import TrainingError
+from metagrad._types import Estimator, Metrics, Params, Task
+from metagrad.algorithms import meta_gradient
+from metagrad.algorithms.batching import Mode
+from metagrad.tasks import count, select
+from metagrad.training.loop import TrainingError
+from metagrad.training.reduce import Local, Reducer, ScoreFn
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "AllReduce",
     "DistributedError",
-    "gradient",
     "is_launched",
     "rank",
-    "score_tasks",
     "session",
     "share",
     "world_size",
@@ -60,9 +63,6 @@ __all__ = [
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a rank waits in a collective for the others before it stops (``--dist-timeout``)."""
-
-STALL = "METAGRAD_TEST_STALL"
-"""Test hook: ``RANK:CALL`` makes that rank hang at its ``CALL``-th meta-gradient (1-based)."""
 
 
 class DistributedError(TrainingError):
@@ -97,32 +97,15 @@ def share(n: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
-def _tasks(tasks: Task, part: slice) -> Task:
-    return Task(*(type(b)(*(t[part] for t in b)) for b in tasks))
-
-
-def _count(tasks: Task) -> int:
-    return int(tasks.support.x.shape[0])
-
-
-def _all_reduce(buffer: torch.Tensor, what: str) -> None:
-    """Sum ``buffer`` over the ranks in place; :class:`DistributedError` if a peer failed."""
-    start = time.monotonic()
-    try:
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-    except RuntimeError as e:  # gloo: a closed connection or a timeout (DistBackendError)
-        raise _peer_error(what, time.monotonic() - start, e) from e
-
-
 _PEER_ENDED = "another rank ended (it died or stopped with its own error)"
 _KEPT = "the last checkpoint in the run folder is kept, resume it with `metagrad train --resume`"
 
 
-def _peer_error(what: str, waited: float, error: BaseException) -> DistributedError:
+def _peer_error(what: str, waited: float, timeout: float, error: BaseException) -> DistributedError:
     detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
     detail = re.sub(r"^\[[^\]]*\] *", "", detail)[:160]  # gloo's "[source file:line]" prefix
     cause = (
-        f"no answer within --dist-timeout {_timeout:g}s (a rank hung)"
+        f"no answer within --dist-timeout {timeout:g}s (a rank hung)"
         if "timed out" in detail.lower() or "timeout" in detail.lower()
         else _PEER_ENDED
     )
@@ -132,59 +115,63 @@ def _peer_error(what: str, waited: float, error: BaseException) -> DistributedEr
     )
 
 
-_calls = 0
-_timeout = DEFAULT_TIMEOUT
+class AllReduce:
+    """The reducer under ``torchrun``: this rank's :func:`share` of the tasks, then a sum.
 
-
-def _test_stall() -> None:
-    global _calls
-    _calls += 1
-    target = os.environ.get(STALL)
-    if target and [int(v) for v in target.split(":")] == [rank(), _calls]:
-        while True:  # a hung rank, for the timeout test
-            time.sleep(3600)
-
-
-def gradient(estimator: Any, theta: Params, tasks: Task, mode: str) -> tuple[Params, Metrics]:
-    """The mean meta-gradient and metrics over the global meta-batch ``tasks``, across the ranks.
-
-    A drop-in for :func:`metagrad.train.outer_gradient`: this rank computes the mean over its
-    :func:`share` of ``tasks``; one all-reduce (sum) of ``k * gradient``, ``k * metrics`` and
-    ``k`` (the share's size), divided by the global count, gives every rank the global mean.
+    Made by :func:`session` once the process group is up; ``timeout`` is the group's collective
+    timeout in seconds (named in the error when a peer hangs).
     """
-    _test_stall()
-    n = _count(tasks)
-    part = share(n, rank(), world_size())
-    k = part.stop - part.start
-    # A rank with no task computes the last one to learn the metrics' shapes, then sends zeros
-    # (it would wait for the others anyway).
-    mine = _tasks(tasks, part if k else slice(n - 1, n))
-    grads, metrics = mg.meta_gradient(estimator, theta, mine, mode=mode)  # type: ignore[arg-type]
-    flat = tree.flatten(grads)
-    parts = [flat, *(m.reshape(-1).to(flat.dtype) for m in metrics.values())]
-    buffer = torch.cat([torch.cat(parts) * k, flat.new_tensor([k])])
-    _all_reduce(buffer, "the meta-gradient all-reduce")
-    mean = buffer[:-1] / buffer[-1]
-    grads = tree.unflatten(mean[: flat.numel()], grads)
-    out, i = {}, flat.numel()
-    for name, m in metrics.items():
-        out[name] = mean[i : i + m.numel()].view(m.shape).to(m.dtype)
-        i += m.numel()
-    return grads, out
 
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.timeout = timeout
+        self.rank, self.world = rank(), world_size()
+        self.is_main = self.rank == 0
 
-def score_tasks(score: Callable[[Task], torch.Tensor], tasks: Task) -> torch.Tensor:
-    """The ``[n, 3]`` evaluation scores of all ``tasks``: this rank scores its share, then a sum.
+    def meta_gradient(
+        self, estimator: Estimator, theta: Params, tasks: Task, mode: str
+    ) -> tuple[Params, Metrics]:
+        """The mean meta-gradient and metrics over the global meta-batch ``tasks``, across ranks.
 
-    Installed by :func:`session` as :func:`metagrad.evaluate.scoring`'s scorer.
-    """
-    n = _count(tasks)
-    part = share(n, rank(), world_size())
-    table = torch.zeros(n, 3, dtype=torch.float64, device=tasks.support.x.device)
-    if part.stop > part.start:
-        table[part] = score(_tasks(tasks, part)).to(table.dtype)
-    _all_reduce(table, "the evaluation all-reduce")
-    return table
+        This rank computes the mean over its :func:`share` of ``tasks``; one all-reduce (sum) of
+        ``k * gradient``, ``k * metrics`` and ``k`` (the share's size), divided by the global
+        count, gives every rank the global mean.
+        """
+        n = count(tasks)
+        part = share(n, self.rank, self.world)
+        k = part.stop - part.start
+        # A rank with no task computes the last one to learn the metrics' shapes, then sends
+        # zeros (it would wait for the others anyway).
+        mine = select(tasks, part if k else slice(n - 1, n))
+        grads, metrics = meta_gradient(estimator, theta, mine, mode=cast(Mode, mode))
+        flat = tree.flatten(grads)
+        parts = [flat, *(m.reshape(-1).to(flat.dtype) for m in metrics.values())]
+        buffer = torch.cat([torch.cat(parts) * k, flat.new_tensor([k])])
+        self._all_reduce(buffer, "the meta-gradient all-reduce")
+        mean = buffer[:-1] / buffer[-1]
+        grads = tree.unflatten(mean[: flat.numel()], grads)
+        out, i = {}, flat.numel()
+        for name, m in metrics.items():
+            out[name] = mean[i : i + m.numel()].view(m.shape).to(m.dtype)
+            i += m.numel()
+        return grads, out
+
+    def score(self, score: ScoreFn, tasks: Task) -> torch.Tensor:
+        """The ``[n, 3]`` evaluation scores of all ``tasks``: this rank scores its share, a sum."""
+        n = count(tasks)
+        part = share(n, self.rank, self.world)
+        table = torch.zeros(n, 3, dtype=torch.float64, device=tasks.support.x.device)
+        if part.stop > part.start:
+            table[part] = score(select(tasks, part)).to(table.dtype)
+        self._all_reduce(table, "the evaluation all-reduce")
+        return table
+
+    def _all_reduce(self, buffer: torch.Tensor, what: str) -> None:
+        """Sum ``buffer`` over the ranks in place; :class:`DistributedError` if a peer failed."""
+        start = time.monotonic()
+        try:
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        except RuntimeError as e:  # gloo: a closed connection or a timeout (DistBackendError)
+            raise _peer_error(what, time.monotonic() - start, self.timeout, e) from e
 
 
 def _backend() -> str:
@@ -192,37 +179,36 @@ def _backend() -> str:
 
 
 @contextlib.contextmanager
-def session(timeout: float = DEFAULT_TIMEOUT) -> Iterator[dict[str, Any]]:
-    """Under ``torchrun`` with several ranks: the keyword arguments of ``train`` and ``resume``.
+def session(timeout: float = DEFAULT_TIMEOUT) -> Iterator[Reducer]:
+    """The reducer for ``train`` and ``resume``: :class:`AllReduce` under ``torchrun``, else
+    :class:`~metagrad.training.reduce.Local`.
 
-    Initialises the process group from torchrun's environment (``timeout`` seconds for every
-    collective), splits evaluation across the ranks, silences the output of ranks other than 0,
-    and tears the group down at the end. Outside torchrun (or with one rank) it yields ``{}``.
+    Under ``torchrun`` with several ranks it initialises the process group from torchrun's
+    environment (``timeout`` seconds for every collective), silences the output of ranks other
+    than 0, and tears the group down at the end.
     """
-    global _timeout, _calls
     if not is_launched():
-        yield {}
+        yield Local()
         return
     if timeout <= 0:
         raise ValueError(f"--dist-timeout must be a positive number of seconds, got {timeout:g}")
-    _timeout, _calls = timeout, 0
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         dist.init_process_group(_backend(), timeout=timedelta(seconds=timeout))
     except RuntimeError as e:
-        raise _peer_error("joining the process group", timeout, e) from e
+        raise _peer_error("joining the process group", timeout, timeout, e) from e
     ok = False
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        main = rank() == 0
-        with contextlib.ExitStack() as quiet, scoring(score_tasks):
-            if not main:  # rank 0 alone prints; errors still show (printed after this block)
+        reducer = AllReduce(timeout)
+        with contextlib.ExitStack() as quiet:
+            if not reducer.is_main:  # rank 0 alone prints; errors still show (printed after)
                 devnull = quiet.enter_context(open(os.devnull, "w"))  # noqa: SIM115
                 quiet.enter_context(contextlib.redirect_stdout(devnull))
                 quiet.enter_context(contextlib.redirect_stderr(devnull))
-            yield {"is_main": main, "gradient": gradient}
-        _barrier()  # every rank done before any leaves: no collective is cut short
+            yield reducer
+        _barrier(timeout)  # every rank done before any leaves: no collective is cut short
         ok = True
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -243,12 +229,12 @@ def _terminated(signum: int, frame: object) -> None:
     )
 
 
-def _barrier() -> None:
+def _barrier(timeout: float) -> None:
     start = time.monotonic()
     try:
         dist.barrier()
     except RuntimeError as e:
-        raise _peer_error("the final barrier", time.monotonic() - start, e) from e
+        raise _peer_error("the final barrier", time.monotonic() - start, timeout, e) from e
 
 
 def _teardown(ok: bool) -> None:

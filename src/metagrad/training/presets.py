@@ -1,13 +1,25 @@
-"""The presets table: the papers' settings as flat config overrides, each with its source.
+"""Presets: the papers' settings as named configurations, each with its source.
 
-Each entry is ``name -> (overrides, source)``; :mod:`metagrad.config` turns it into a ``Config``.
-A source says which paper, section or table a number comes from, and says so where a number is not
+:data:`PRESET_TABLE` maps ``name -> (flat config overrides, source)``; the ``presets`` of every
+entry of :data:`metagrad.algorithms.ALGORITHMS` join it (a name defined twice is an error), and
+:data:`PRESETS` holds each as a :class:`Preset` with its :class:`~metagrad.training.Config`. A
+source says which paper, section or table a number comes from, and says so where a number is not
 stated there (assumed, or taken from the authors' released code).
+
+>>> from metagrad.training import preset
+>>> preset("sinusoid-maml").algo.inner_lr
+0.01
 """
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+
+from metagrad.algorithms import ALGORITHMS
+from metagrad.training.config import Config
 
 MAML = "Finn, Abbeel & Levine 2017 (MAML)"
 REPTILE = "Nichol, Achiam & Schulman 2018 (Reptile)"
@@ -31,8 +43,8 @@ SINUSOID: dict[str, Any] = dict(
     log_every=100,
     eval_every=5000,
     checkpoint_every=1000,
-    mode="vmap",  # measured: on 2 CPU cores vmap runs this small MLP several times faster
-    threads=1,  # one thread: tiny ops lose more to thread hand-offs than they gain
+    mode="vmap",  # the faster mode for this small MLP (docs/PERFORMANCE.md)
+    threads=1,  # tiny ops lose more to thread hand-offs than they gain
 )
 SINUSOID_SOURCE = (
     f"{MAML}, Sec. 5.1 and App. A.1: K=10, inner lr 0.01, 1 step, meta-batch 25, Adam 1e-3; "
@@ -47,7 +59,7 @@ IMAML_DAMPING = "cg_damping 1, lam_damping 10: (2 v + H v / 12) = grad L_q"
 PRESET_TABLE: dict[str, tuple[dict[str, Any], str]] = {
     "quickstart": (
         {**SINUSOID, "steps": 4000, "log_every": 100, "eval_every": 0, "checkpoint_every": 1000},
-        f"{SINUSOID_SOURCE}; shortened to 4,000 steps to finish in about a minute on 2 CPU cores",
+        f"{SINUSOID_SOURCE}; shortened to 4,000 steps for a first run",
     ),
     "sinusoid-maml": (SINUSOID, SINUSOID_SOURCE),
     "sinusoid-fomaml": (
@@ -208,3 +220,44 @@ PRESET_TABLE["leap-omniglot"] = (
     "outer SGD lr 0.1, 1,000 meta steps and the 15/5 train/test drawings per character are "
     "uncertain (check against the paper before quoting)",
 )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration and where its numbers come from (paper, section or table)."""
+
+    name: str
+    config: Config
+    source: str
+
+
+def _merged() -> dict[str, tuple[Mapping[str, Any], str]]:
+    """The table and every algorithm's registered presets; ``ValueError`` for a repeated name.
+
+    An algorithm's preset runs that algorithm unless its overrides name another.
+    """
+    table: dict[str, tuple[Mapping[str, Any], str]] = dict(PRESET_TABLE)
+    for entry in ALGORITHMS.entries():
+        for name, (changes, source) in entry.presets.items():
+            if name in table:
+                raise ValueError(
+                    f"preset {name!r} of algorithm {entry.name!r} is already defined: rename it"
+                )
+            table[name] = ({"algorithm": entry.name, **changes}, source)
+    return table
+
+
+PRESETS: dict[str, Preset] = {
+    name: Preset(name, Config(preset=name).override(**changes), source)
+    for name, (changes, source) in _merged().items()
+}
+DEFAULT_PRESET = "quickstart"
+
+
+def preset(name: str) -> Config:
+    """The configuration of a named preset; ``ValueError`` names the closest ones if unknown."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "`metagrad presets` lists them"
+        raise ValueError(f"unknown preset {name!r}: {hint}")
+    return PRESETS[name].config

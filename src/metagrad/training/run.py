@@ -2,10 +2,11 @@
 
 A run folder holds ``config.json`` (the config, the data split and the command), ``metrics.jsonl``
 (one JSON line per logged step or evaluation), TensorBoard event files under ``tensorboard/``,
-``checkpoint.pt`` (see :mod:`metagrad.checkpoint`), ``curves.png`` and the evaluation results.
+``checkpoint.pt`` (see :mod:`metagrad.training.checkpoint`), ``curves.png`` and the evaluation
+results.
 
->>> import metagrad as mg
->>> run = mg.load_run("runs/quickstart-20260101-120000")     # doctest: +SKIP
+>>> from metagrad.training import load_run
+>>> run = load_run("runs/quickstart-20260101-120000")     # doctest: +SKIP
 >>> run.step, run.config.algo.algorithm, sorted(run.params)[:1]   # doctest: +SKIP
 (4000, 'maml', ['body.0.bias'])
 """
@@ -20,7 +21,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from metagrad._build import build_estimator, build_model
 from metagrad._types import Params
-from metagrad.checkpoint import CHECKPOINT, load_checkpoint
-from metagrad.config import Config
+from metagrad.training.build import build_estimator, build_model
+from metagrad.training.checkpoint import CHECKPOINT, load_checkpoint
+from metagrad.training.config import Config
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -189,15 +189,6 @@ class RunDir:
         text = text[: text.rfind("\n") + 1]  # complete lines: another process may be appending
         return [json.loads(ln) for ln in text.splitlines()]
 
-    def plot(self) -> Path:
-        """Draw the training curves into ``curves.png``; returns its path."""
-        from metagrad.evaluate import plot_curves
-
-        path = self.path / "curves.png"
-        if self.is_main:
-            plot_curves(self.metrics(), path)
-        return path
-
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
@@ -211,7 +202,9 @@ class RunDir:
 class Run:
     """A finished or running run, loaded from its folder: ``params``, ``config``, ``step``.
 
-    ``model`` is the network with ``params`` loaded; ``estimator`` adapts with the test-time steps.
+    ``params`` are the estimator's meta-parameters (``estimator.init_meta(model)``) with the
+    checkpoint's values, ``model`` the network they belong to; ``estimator`` adapts with the
+    test-time steps.
     """
 
     path: Path
@@ -219,7 +212,7 @@ class Run:
     step: int
     params: Params
     model: nn.Module
-    estimator: Any
+    estimator: Any  # an Estimator whose loss is a metagrad.Loss (predict, accuracy)
 
     def with_config(self, **changes: Any) -> Run:
         """The same parameters with config fields replaced (for evaluation: data path, steps)."""
@@ -236,12 +229,23 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
         raise ValueError(f"{run.path} holds no checkpoint yet: train it first")
     state = load_checkpoint(run.path, map_location)
     model = build_model(config).to(map_location)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(state["params"][name])
-    params: Params = {name: p for name, p in model.named_parameters()}
     estimator = build_estimator(config, model, evaluation=True)
+    params = estimator.init_meta(model)
+    load_params(params, state["params"])
     return Run(run.path, config, int(state["step"]), params, model, estimator)
+
+
+def load_params(params: Params, saved: Params) -> None:
+    """Copy ``saved`` into ``params`` in place; ``ValueError`` if their names differ."""
+    if set(params) != set(saved):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ValueError(
+            f"the checkpoint's meta-parameters do not fit this run's estimator (missing "
+            f"{missing[:3]}, unexpected {extra[:3]}): was it written by another config?"
+        )
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
 
 
 class StopOnSigint:
@@ -264,40 +268,3 @@ class StopOnSigint:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
             self._old = None
-
-
-class Progress:
-    """A tqdm bar (steps/s, loss, accuracy, ETA) on a terminal, else one log line per log step."""
-
-    def __init__(self, total: int, initial: int, enabled: bool | None = None) -> None:
-        from tqdm.auto import tqdm  # type: ignore[import-untyped]
-
-        enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = (
-            tqdm(total=total, initial=initial, unit="step", file=sys.stderr) if enabled else None
-        )
-        self.total, self.initial, self.start = total, initial, time.perf_counter()
-
-    def update(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        shown = {k: values[k] for k in ("query_loss", "query_accuracy") if k in values}
-        if self.bar is not None:
-            self.bar.set_postfix({k.split("_")[1][:4]: f"{v:.4g}" for k, v in shown.items()})
-            return
-        rate = (step - self.initial) / max(time.perf_counter() - self.start, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
-        text = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
-        self.write(f"step {step}/{self.total}  {text}  {rate:.1f} steps/s  ETA {eta:.0f}s")
-
-    def write(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -1,4 +1,4 @@
-"""Evaluation on fixed, seeded tasks: mean and 95% confidence interval, and the plots.
+"""Evaluation on fixed, seeded tasks: mean and 95% confidence interval over the tasks.
 
 ``evaluate`` adapts the meta-parameters on each task's support set with the test-time steps and
 scores the query set: the loss before and after adaptation (MSE for regression) and, for
@@ -11,9 +11,7 @@ split and the chunk index only, so every run and every call sees the same tasks:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,12 @@ import numpy as np
 import torch
 
 from metagrad import autodiff
-from metagrad._types import Batch, Params, Task
-from metagrad.tasks import task_at
+from metagrad._types import Params, Task
+from metagrad.data import LakeRuns, TaskSource
+from metagrad.tasks import count, join, select, task_at
+from metagrad.training.build import task_source
+from metagrad.training.reduce import Local, Reducer
+from metagrad.training.run import Run, RunDir, load_run, torch_settings
 
 CHUNK = 50  # tasks sampled per generator seed; fixed, so that the task sets never change
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -79,17 +81,9 @@ class Evaluation:
         return f"{text} ({self.tasks} {self.split} tasks, {self.steps} steps)"
 
 
-def _steps(estimator: Any) -> int:
+def inner_steps(estimator: Any) -> int:
+    """The number of inner steps the estimator adapts with (0 if its solver has none)."""
     return int(getattr(estimator.inner, "steps", 0))
-
-
-def join_tasks(batches: list[Task], device: torch.device | str = "cpu") -> Task:
-    """Batches of tasks concatenated on dim 0 (``torch.stack`` them first if unbatched)."""
-
-    def cat(part: str, field: str) -> torch.Tensor:
-        return torch.cat([getattr(getattr(t, part), field) for t in batches]).to(device)
-
-    return Task(*(Batch(cat(p, "x"), cat(p, "y")) for p in ("support", "query")))
 
 
 def _scores(estimator: Any, theta: Params, task: Task) -> torch.Tensor:
@@ -102,40 +96,33 @@ def _scores(estimator: Any, theta: Params, task: Task) -> torch.Tensor:
     return torch.stack([before, after, acc])
 
 
-Scorer = Callable[[Callable[[Task], torch.Tensor], Task], torch.Tensor]
-"""``scorer(score, tasks)``: the ``[n, 3]`` scores of all ``tasks``; ``score`` scores a subset."""
-_scorers: list[Scorer] = []
-
-
-@contextlib.contextmanager
-def scoring(scorer: Scorer) -> Iterator[None]:
-    """Within it, :func:`evaluate_tasks` scores through ``scorer`` (distributed: by rank shares)."""
-    _scorers.append(scorer)
-    try:
-        yield
-    finally:
-        _scorers.remove(scorer)
-
-
 def evaluate_tasks(
-    estimator: Any, theta: Params, tasks: Task, split: str, mode: str = "loop"
+    estimator: Any,
+    theta: Params,
+    tasks: Task,
+    split: str,
+    mode: str = "loop",
+    reducer: Reducer | None = None,
 ) -> Evaluation:
     """Adapt on each task's support set, score its query set; mean and 95% CI over the tasks.
 
     ``tasks`` are stacked on dim 0; ``mode="vmap"`` vectorises over them, ``"loop"`` does not.
+    ``reducer`` decides where the tasks are scored (default :class:`~.reduce.Local`: here).
     """
     theta = {k: v.detach() for k, v in theta.items()}
 
     def score(tasks: Task) -> torch.Tensor:
         if mode == "vmap":
-            with autodiff.use("func"):
+            with autodiff.use("func"):  # torch.func.vmap over the tasks, applied here
                 return torch.func.vmap(lambda t: _scores(estimator, theta, t))(tasks)
-        n = tasks.support.x.shape[0]
-        return torch.stack([_scores(estimator, theta, task_at(tasks, i)) for i in range(n)])
+        return torch.stack(
+            [_scores(estimator, theta, task_at(tasks, i)) for i in range(count(tasks))]
+        )
 
-    scores = _scorers[-1](score, tasks) if _scorers else score(tasks)
+    scores = (reducer or Local()).score(score, tasks)
     before, after, acc = scores.double().T.tolist()
-    ev = Evaluation(split, len(before), _steps(estimator), *mean_ci(before), *mean_ci(after))
+    steps = inner_steps(estimator)
+    ev = Evaluation(split, len(before), steps, *mean_ci(before), *mean_ci(after))
     if estimator.loss.is_classification:
         ev.accuracy, ev.accuracy_ci = mean_ci(acc)
     return ev
@@ -144,11 +131,12 @@ def evaluate_tasks(
 def evaluate(
     estimator: Any,
     theta: Params,
-    source: Any,
+    source: TaskSource,
     split: str = "test",
     tasks: int = 600,
     seed: int = 0,
     mode: str = "loop",
+    reducer: Reducer | None = None,
 ) -> Evaluation:
     """Evaluate on ``tasks`` fixed tasks of ``split`` drawn by ``source.sample(split, n, gen)``.
 
@@ -156,17 +144,16 @@ def evaluate(
     A source with fixed tasks (``source.fixed(split)``, e.g. Leap's alphabets) gives those.
     """
     device = next(iter(theta.values())).device
-    fixed = source.fixed(split) if hasattr(source, "fixed") else None
+    fixed = source.fixed(split)
     if fixed is not None:
         batches = [fixed]
     else:
         batches = []
         for chunk in range(math.ceil(tasks / CHUNK)):
             g = torch.Generator().manual_seed(eval_seed(seed, split, chunk))
-            batch = source.sample(split, CHUNK, g)
             keep = min(CHUNK, tasks - chunk * CHUNK)
-            batches.append(Task(*(Batch(*(t[:keep] for t in b)) for b in batch)))
-    return evaluate_tasks(estimator, theta, join_tasks(batches, device), split, mode)
+            batches.append(select(source.sample(split, CHUNK, g), slice(0, keep)))
+    return evaluate_tasks(estimator, theta, join(batches, device), split, mode, reducer)
 
 
 def evaluate_run(
@@ -184,8 +171,6 @@ def evaluate_run(
     ``lake_runs``: the error rate on Lake's one-shot runs (a 20-way Omniglot run) instead.
     ``data``, ``device``, ``steps`` override the run's data folder, device and test-time steps.
     """
-    from metagrad.run import RunDir, load_run, torch_settings
-
     run = load_run(path, device or "cpu")
     changes = {"root": data, "device": device, "eval_inner_steps": steps}
     run = run.with_config(**{k: v for k, v in changes.items() if v is not None})
@@ -195,91 +180,21 @@ def evaluate_run(
 
 
 def _evaluate_run(
-    run: Any, tasks: int | None, split: str, lake_runs: str | Path | None
+    run: Run, tasks: int | None, split: str, lake_runs: str | Path | None
 ) -> tuple[Evaluation, str]:
-    from metagrad._build import TaskSource
-
     mode = run.config.algo.mode
     if lake_runs is not None:
-        from metagrad.data import LakeRuns
-
         if run.config.data.benchmark == "sinusoid" or run.config.data.ways != 20:
             raise ValueError(
                 f"Lake's runs are 20-way Omniglot problems; this run is "
                 f"{run.config.data.benchmark} with ways={run.config.data.ways}"
             )
-        task = LakeRuns(lake_runs).task()
-        task = join_tasks([task], next(iter(run.params.values())).device)
+        task = join([LakeRuns(lake_runs).task()], next(iter(run.params.values())).device)
         ev = evaluate_tasks(run.estimator, run.params, task, "lake", mode)
         name = "eval_lake.json"
     else:
         n = tasks or run.config.run.eval_tasks
-        source = TaskSource(run.config)
+        source = task_source(run.config.data)
         ev = evaluate(run.estimator, run.params, source, split, n, run.config.run.eval_seed, mode)
         name = f"eval_{split}.json"
     return ev, name
-
-
-def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> None:
-    """Training curves from ``metrics.jsonl`` lines: losses, accuracies and validation."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    labels = {
-        "query_loss": "query loss after adaptation",
-        "support_loss": "support loss before adaptation",
-        "val_loss_before": "validation, before adaptation",
-        "val_loss": "validation, after adaptation",
-        "query_accuracy": "query accuracy after adaptation",
-        "val_accuracy": "validation accuracy",
-    }
-    panels = [
-        ("loss", ["query_loss", "support_loss", "val_loss_before", "val_loss"]),
-        ("accuracy", ["query_accuracy", "val_accuracy"]),
-    ]
-    panels = [(t, [k for k in ks if any(k in m for m in metrics)]) for t, ks in panels]
-    panels = [(t, ks) for t, ks in panels if ks]
-    fig = Figure(figsize=(5 * max(len(panels), 1), 3.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    for i, (title, keys) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        for k in keys:
-            pts = [(m["step"], m[k]) for m in metrics if k in m]
-            marker = "." if len(pts) < 30 else None
-            ax.plot(*zip(*pts, strict=True), label=labels[k], marker=marker)
-        ax.set(xlabel="outer step", title=title, yscale="log" if title == "loss" else "linear")
-        ax.legend(fontsize="small")
-    fig.savefig(path, dpi=100)
-
-
-def plot_sinusoid(
-    estimator: Any, theta: Params, path: str | Path, seed: int, shots: int = 10, n: int = 4
-) -> Path:
-    """Adapted curves on ``n`` held-out sinusoid tasks: truth, support, before and after."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from metagrad.data import Sinusoid
-
-    g = torch.Generator().manual_seed(eval_seed(seed, "test", 10**6))
-    tasks, truth = Sinusoid(shots=shots, queries=1).sample_with_params(n, g)
-    device = next(iter(theta.values())).device
-    grid = torch.linspace(-5, 5, 200)
-    curves = truth.curve(grid)
-    fig = Figure(figsize=(4 * n, 3.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    for i in range(n):
-        support = Batch(*(t[i].to(device) for t in tasks.support))
-        phi = estimator.adapt(theta, support)
-        x = grid.view(-1, 1).to(device)
-        with torch.no_grad():
-            pre, post = estimator.loss.predict(theta, x), estimator.loss.predict(phi, x)
-        ax = fig.add_subplot(1, n, i + 1)
-        ax.plot(grid, curves[i, :, 0], "k-", label="truth")
-        ax.plot(grid, pre[:, 0].float().cpu(), "C0--", label="before adaptation")
-        ax.plot(grid, post[:, 0].float().cpu(), "C1-", label=f"after {_steps(estimator)} steps")
-        ax.plot(support.x[:, 0].cpu(), support.y[:, 0].cpu(), "k^", label=f"{shots} support")
-        if i == 0:
-            ax.legend(fontsize="small")
-    fig.savefig(path, dpi=100)
-    return Path(path)

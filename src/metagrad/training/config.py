@@ -1,11 +1,13 @@
-"""Run configuration: frozen dataclasses, one per concern, and the papers' settings as presets.
+"""Run configuration: frozen dataclasses, one per concern.
 
-A :class:`Config` holds everything a run needs; ``metagrad train`` builds one from a preset and
-flags (one flag per field, generated from these dataclasses), and ``config.json`` in the run folder
-is ``config.to_dict()``. Field names are unique across the sections, so a flat override
-``config.override(ways=20, inner_steps=5)`` is unambiguous.
+A :class:`Config` holds everything a run needs; ``metagrad train`` builds one from a preset (see
+:mod:`metagrad.training.presets`) and flags (one flag per field, generated from these
+dataclasses), and ``config.json`` in the run folder is ``config.to_dict()``. Field names are
+unique across the sections, so a flat override ``config.override(ways=20, inner_steps=5)`` is
+unambiguous. The choices of the names (algorithm, inner solver, architecture, benchmark, batching
+mode) come from the registries.
 
->>> from metagrad.config import preset
+>>> from metagrad.training import preset
 >>> cfg = preset("omniglot-20w1s-maml").override(steps=2000)
 >>> cfg.algo.inner_steps, cfg.optim.meta_batch, cfg.optim.steps
 (5, 16, 2000)
@@ -14,13 +16,14 @@ is ``config.to_dict()``. Field names are unique across the sections, so a flat o
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from metagrad._presets import PRESET_TABLE
-
-ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "leap", "imaml")
+from metagrad.algorithms import ALGORITHMS, MODES
+from metagrad.data import BENCHMARKS
+from metagrad.inner import INNER_SOLVERS
+from metagrad.models import MODELS
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
@@ -34,20 +37,47 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def fitting_archs(benchmark: str) -> tuple[str, ...]:
+    """The models of ``MODELS`` that fit ``benchmark``: its entry's ``archs``, else (a classifier)
+    every model that no regression benchmark lists as its own."""
+    entry = BENCHMARKS[benchmark]
+    if "archs" in entry.extra:
+        return tuple(entry.extra["archs"])
+    regression = {
+        a
+        for e in BENCHMARKS.entries()
+        if e.extra.get("loss") == "mse"
+        for a in e.extra.get("archs", ())
+    }
+    return tuple(a for a in MODELS.names() if a not in regression)
+
+
+def _split_protocols() -> tuple[str, ...]:
+    """Every class-split protocol that some benchmark knows (its entry's ``splits``)."""
+    found = (s for e in BENCHMARKS.entries() for s in e.extra.get("splits", ()))
+    return tuple(dict.fromkeys(found))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network: ``mlp`` (1-40-40-1 ReLU, sinusoid) or ``conv4`` (Omniglot, ways outputs)."""
+    """The network, from ``metagrad.models.MODELS``; its input and output shapes come from the
+    benchmark."""
 
-    arch: str = _f("mlp", "network", ("mlp", "conv4"))
+    arch: str = _f("mlp", "network", MODELS.names())
+
+    def __post_init__(self) -> None:
+        MODELS.get(self.arch)  # ValueError naming the choices
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """The task distribution and the few-shot protocol."""
 
-    benchmark: str = _f("sinusoid", "task family", ("sinusoid", "omniglot", "omniglot-alphabets"))
-    root: str | None = _f(None, "Omniglot folder (default: $METAGRAD_OMNIGLOT)", flag="data")
-    split: str = _f("maml", "Omniglot class split", ("maml", "vinyals", "lake"))
+    benchmark: str = _f("sinusoid", "task family", BENCHMARKS.names())
+    root: str | None = _f(
+        None, "data folder (default: the benchmark's variable, $METAGRAD_OMNIGLOT)", flag="data"
+    )
+    split: str = _f("maml", "class split protocol", _split_protocols())
     split_seed: int = _f(0, "seed of the random 'maml' split (fixed, so runs share test classes)")
     ways: int = _f(5, "classes per task (Omniglot)")
     shots: int = _f(10, "support examples per class (per task for sinusoid) while training")
@@ -57,6 +87,7 @@ class DataConfig:
     train_alphabets: int = _f(25, "alphabets to meta-train on (omniglot-alphabets)")
 
     def __post_init__(self) -> None:
+        BENCHMARKS.get(self.benchmark)
         for name in ("ways", "shots", "queries", "train_alphabets"):
             value = getattr(self, name)
             _check(value >= 1, f"{name} must be a positive integer, got {value}")
@@ -70,25 +101,36 @@ class DataConfig:
 class AlgoConfig:
     """The meta-gradient estimator and its inner solver."""
 
-    algorithm: str = _f("maml", "meta-learning algorithm", ALGORITHMS)
-    inner: str = _f("gd", "inner solver: gradient descent or Hessian-free", ("gd", "newton-cg"))
+    algorithm: str = _f("maml", "meta-learning algorithm", ALGORITHMS.names())
+    inner: str = _f("gd", "inner solver", INNER_SOLVERS.names())
     inner_lr: float = _f(0.01, "inner gradient-descent step size")
     inner_steps: int = _f(1, "inner steps while meta-training")
     eval_inner_steps: int | None = _f(None, "inner steps at test time (default: inner_steps)")
     newton_cg_steps: int = _f(5, "CG steps per Newton step of the newton-cg inner solver")
+    inner_momentum: float = _f(0.9, "momentum and nesterov inner solvers: the momentum")
+    inner_betas: tuple[float, float] = _f((0.9, 0.999), "adam inner solver: beta1 and beta2")
+    inner_batch_size: int | None = _f(
+        None, "inner mini-batch size, where the solver takes one (default: the support set)"
+    )
     lam: float = _f(2.0, "iMAML proximal regularisation strength")
     cg_steps: int = _f(5, "iMAML conjugate-gradient steps for the meta-gradient")
     cg_damping: float = _f(0.0, "iMAML: c in (1 + c) v + H v / (lam + d) = g (0: paper)")
     lam_damping: float = _f(0.0, "iMAML: d in (1 + c) v + H v / (lam + d) = g (0: paper)")
+    learn_lam: str | None = _f(
+        None, "iMAML: learn lam too, one for all or one per module", ("global", "module")
+    )
     head: tuple[str, ...] = _f(
         ("head.",), "ANIL: prefixes of the parameters adapted in the inner loop"
     )
     leap_metric: str = _f("energy", "Leap path metric", ("energy", "length"))
     loss_term: bool = _f(True, "Leap: include the loss term of the path length")
     stabilizer: bool = _f(True, "Leap: the stabiliser of the loss term")
-    mode: str = _f("loop", "how tasks are batched in the meta-gradient", ("loop", "vmap"))
+    mode: str = _f("loop", "how tasks are batched in the meta-gradient", MODES)
 
     def __post_init__(self) -> None:
+        ALGORITHMS.get(self.algorithm)  # ValueError naming the choices
+        INNER_SOLVERS.get(self.inner)
+        _check(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _check(self.inner_lr > 0, f"inner_lr must be positive, got {self.inner_lr}")
         for name in ("inner_steps", "newton_cg_steps", "cg_steps"):
             value = getattr(self, name)
@@ -102,6 +144,18 @@ class AlgoConfig:
             value = getattr(self, name)
             _check(value >= 0, f"{name} must be >= 0, got {value}")
         _check(len(self.head) > 0, "head needs at least one parameter-name prefix, e.g. 'head.'")
+        _check(
+            0 <= self.inner_momentum < 1,
+            f"inner_momentum must be in [0, 1), got {self.inner_momentum}",
+        )
+        _check(
+            len(self.inner_betas) == 2 and all(0 <= b < 1 for b in self.inner_betas),
+            f"inner_betas must be two numbers in [0, 1), got {self.inner_betas}",
+        )
+        _check(
+            self.inner_batch_size is None or self.inner_batch_size >= 1,
+            f"inner_batch_size must be a positive integer, got {self.inner_batch_size}",
+        )
 
 
 @dataclass(frozen=True)
@@ -180,16 +234,28 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        sinusoid = self.data.benchmark == "sinusoid"
+        bench = BENCHMARKS[self.data.benchmark]
+        archs = fitting_archs(self.data.benchmark)
         _check(
-            (self.model.arch == "mlp") == sinusoid,
-            f"arch {self.model.arch!r} does not fit benchmark {self.data.benchmark!r}: "
-            "use mlp for sinusoid and conv4 for Omniglot",
+            self.model.arch in archs,
+            f"arch {self.model.arch!r} does not fit benchmark {bench.name!r}: use "
+            f"--arch {' or '.join(archs)}",
         )
-        _check(sinusoid or self.data.ways >= 2, f"ways must be at least 2, got {self.data.ways}")
         _check(
-            self.algo.inner == "gd" or self.algo.algorithm == "imaml",
-            f"inner solver {self.algo.inner!r} is for imaml only; use --inner gd",
+            "ways" not in bench.options.values() or self.data.ways >= 2,
+            f"ways must be at least 2, got {self.data.ways}",
+        )
+        splits = bench.extra.get("splits")
+        _check(
+            "split" not in bench.options.values() or not splits or self.data.split in splits,
+            f"split {self.data.split!r} is not a protocol of {bench.name!r}: use --split "
+            f"{' or '.join(splits or ())}",
+        )
+        solvers = ALGORITHMS[self.algo.algorithm].extra.get("solvers", ("gd",))
+        _check(
+            self.algo.inner in solvers,
+            f"inner solver {self.algo.inner!r} is not for {self.algo.algorithm}; use --inner "
+            f"{' or '.join(solvers)}",
         )
 
     def override(self, **changes: Any) -> Config:
@@ -216,10 +282,16 @@ class Config:
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = sorted(set(values) - names)
             _check(not unknown, f"unknown {section} settings {unknown} in config")
-            if "head" in values:
-                values["head"] = tuple(values["head"])
+            for name in tuple_fields(kind) & set(values):
+                values[name] = tuple(values[name])  # JSON has lists
             parts[section] = kind(**values)
         return cls(**parts)
+
+
+def tuple_fields(kind: type) -> set[str]:
+    """The names of the fields of section ``kind`` that hold tuples (``head``, ``inner_betas``)."""
+    hints = typing.get_type_hints(kind)
+    return {f.name for f in dataclasses.fields(kind) if typing.get_origin(hints[f.name]) is tuple}
 
 
 def field_section(name: str) -> str:
@@ -228,32 +300,3 @@ def field_section(name: str) -> str:
         if name in {f.name for f in dataclasses.fields(kind)}:
             return section
     raise ValueError(f"no config field named {name!r}")
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named configuration and where its numbers come from (paper, section or table)."""
-
-    name: str
-    config: Config
-    source: str
-
-
-def _build_presets() -> dict[str, Preset]:
-    presets = {}
-    for name, (changes, source) in PRESET_TABLE.items():
-        presets[name] = Preset(name, Config(preset=name).override(**changes), source)
-    return presets
-
-
-PRESETS: dict[str, Preset] = _build_presets()
-DEFAULT_PRESET = "quickstart"
-
-
-def preset(name: str) -> Config:
-    """The configuration of a named preset; ``ValueError`` names the closest ones if unknown."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "`metagrad presets` lists them"
-        raise ValueError(f"unknown preset {name!r}: {hint}")
-    return PRESETS[name].config
