@@ -13,7 +13,15 @@ built-in ``maml``: the same execution path, so its time should match. Repetition
 (every implementation once per round); the tables give medians, each one's speed-up over the
 fastest other library, and ``user-maml``'s time over ``maml``'s.
 
-    python benchmarks/bench_meta.py                  # the four configs, 5 rounds, check, memory
+The ``mini-*`` configs are the mini-ImageNet shapes (3x84x84, 15 queries per class, inner lr
+0.01, MAML's meta-batch of 4 tasks for 1-shot and 2 for 5-shot, 5 inner steps): the 32-channel
+max-pool Conv4 (``conv4-mini``; the other libraries and the plain loop run the same network
+written with ``nn.Conv2d`` and ``nn.BatchNorm2d``) and the ResNet-12 (``resnet12``, 64-160-320-640
+channels; every implementation runs metagrad's, as it has no usual plain-PyTorch form). They run
+when named; ``--memory`` gives their peak memory (on ``--device cuda``, the allocator's peak).
+
+    python benchmarks/bench_meta.py                  # the four Omniglot configs, 5 rounds, check
+    python benchmarks/bench_meta.py --configs mini-5w1s-b4-s5,mini-resnet12-5w1s-b4-s5 --memory
     python benchmarks/bench_meta.py --quick          # a tiny smoke run
     python benchmarks/bench_meta.py --configs 20w5s-b16-s5 --impls maml,plain --reps 3
     python benchmarks/bench_meta.py --configs 5w1s-b32-s5 --impls maml,maml-serial --no-check
@@ -36,6 +44,7 @@ the kernels, rather than the code around them, set the time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -60,21 +69,39 @@ import metagrad as mg  # noqa: E402
 
 @dataclass(frozen=True)
 class Config:
+    """N-way K-shot, B tasks, S inner steps of size ``lr``; images ``channels`` x ``size`` x
+    ``size`` and the network ``arch`` of ``mg.models.MODELS`` (for ``resnet12``, ``widths``
+    narrows its 64-160-320-640 channels: the quick config only)."""
+
     ways: int
     shots: int
     tasks: int
     steps: int
     queries: int = 15
+    arch: str = "conv4"
+    channels: int = 1
+    size: int = 28
+    lr: float = 0.4
+    widths: tuple[int, ...] | None = None
 
 
+MINI = dict(channels=3, size=84, lr=0.01)  # MAML's mini-ImageNet: 84x84x3, inner lr 0.01
 CONFIGS = {
     "5w1s-b32-s1": Config(5, 1, 32, 1),
     "5w1s-b32-s5": Config(5, 1, 32, 5),
     "20w1s-b16-s5": Config(20, 1, 16, 5),
     "20w5s-b16-s5": Config(20, 5, 16, 5),
+    # mini-ImageNet shapes: MAML's settings (meta-batch 4 for 1-shot, 2 for 5-shot, 5 steps)
+    "mini-5w1s-b4-s5": Config(5, 1, 4, 5, arch="conv4-mini", **MINI),
+    "mini-5w5s-b2-s5": Config(5, 5, 2, 5, arch="conv4-mini", **MINI),
+    "mini-resnet12-5w1s-b4-s5": Config(5, 1, 4, 5, arch="resnet12", **MINI),
+    "mini-resnet12-5w5s-b2-s5": Config(5, 5, 2, 5, arch="resnet12", **MINI),
     "quick": Config(3, 1, 2, 1, queries=2),
+    "quick-mini": Config(2, 1, 2, 1, queries=1, arch="conv4-mini", **MINI),
+    "quick-resnet12": Config(2, 1, 2, 1, 1, arch="resnet12", **MINI, widths=(4, 8, 8, 16)),
 }
-LR = 0.4
+OMNIGLOT_CONFIGS = ["5w1s-b32-s1", "5w1s-b32-s5", "20w1s-b16-s5", "20w5s-b16-s5"]
+"""What runs by default: issue 6's workload."""
 ESTIMATORS = ["maml", "fomaml", "anil", "reptile", "leap", "imaml-gd", "imaml-hf", "user-maml"]
 LIBRARIES = ["plain", "higher", "torchopt"]
 IMPLS = ESTIMATORS + LIBRARIES + ["plain-mg-conv4"]
@@ -95,11 +122,12 @@ def installed(name: str) -> bool:
 
 
 def make_tasks(cfg: Config, dtype: torch.dtype, seed: int = 0) -> mg.Task:
-    """Random Omniglot-shaped tasks: support and query images for each of ``ways`` classes."""
+    """Random tasks of the config's image shape: support and query images for each class."""
     g = torch.Generator().manual_seed(seed)
+    shape = (cfg.channels, cfg.size, cfg.size)
 
     def batch(per_class: int) -> mg.Batch:
-        x = torch.randn(cfg.tasks, cfg.ways * per_class, 1, 28, 28, generator=g, dtype=dtype)
+        x = torch.randn(cfg.tasks, cfg.ways * per_class, *shape, generator=g, dtype=dtype)
         y = torch.arange(cfg.ways).repeat_interleave(per_class).expand(cfg.tasks, -1)
         return mg.Batch(x.to(DEVICE), y.contiguous().to(DEVICE))
 
@@ -115,6 +143,36 @@ def standard_conv4(ways: int, hidden: int = 64) -> nn.Sequential:
         layers += [nn.BatchNorm2d(hidden, track_running_stats=False), nn.ReLU()]
         channels = hidden
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(hidden * 4, ways))
+
+
+def standard_conv4_mini(ways: int, channels: int = 3, size: int = 84) -> nn.Sequential:
+    """The mini-ImageNet Conv4 as a user of the other libraries writes it: 32 channels, stride 1,
+    native batch norm, 2x2 max-pool."""
+    layers: list[nn.Module] = []
+    for c_in in (channels, 32, 32, 32):
+        layers += [nn.Conv2d(c_in, 32, 3, padding=1)]
+        layers += [nn.BatchNorm2d(32, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * (size // 16) ** 2, ways))
+
+
+def mg_model(cfg: Config) -> nn.Module:
+    """metagrad's network of the config (``mg.models.MODELS``)."""
+    if cfg.arch == "resnet12" and cfg.widths is not None:
+        c1, c2, c3, c4 = cfg.widths
+        return mg.models.ResNet12(cfg.ways, cfg.channels, cfg.size, channels=(c1, c2, c3, c4))
+    return mg.models.MODELS.build(
+        cfg.arch, in_channels=cfg.channels, n_way=cfg.ways, image_size=cfg.size
+    )
+
+
+def standard_model(cfg: Config) -> nn.Module:
+    """The network the other libraries and the plain loop run: the usual PyTorch Conv4s; for
+    ResNet-12, which has no such usual form, metagrad's own (a plain ``nn.Module``)."""
+    if cfg.arch == "conv4":
+        return standard_conv4(cfg.ways)
+    if cfg.arch == "conv4-mini":
+        return standard_conv4_mini(cfg.ways, cfg.channels, cfg.size)
+    return mg_model(cfg)
 
 
 def load(model: nn.Module, init: list[Tensor]) -> nn.Module:
@@ -149,8 +207,8 @@ class UserMAML(mg.EstimatorBase):
         return grad, {"query_loss": value.detach(), "inner_losses": losses.detach()}
 
 
-def estimator(name: str, loss: mg.Loss, steps: int) -> mg.Estimator:
-    gd = mg.GradientDescent(lr=LR, steps=steps)
+def estimator(name: str, loss: mg.Loss, steps: int, lr: float) -> mg.Estimator:
+    gd = mg.GradientDescent(lr=lr, steps=steps)
     return {
         "maml": lambda: mg.MAML(loss, gd),
         "fomaml": lambda: mg.MAML(loss, gd, first_order=True),
@@ -165,21 +223,20 @@ def estimator(name: str, loss: mg.Loss, steps: int) -> mg.Estimator:
 
 def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Run, list[Tensor]]:
     """``(run, params)``: ``run()`` returns the mean meta-gradient, in ``params``' order."""
-    n, steps = cfg.tasks, cfg.steps
+    n, steps, lr = cfg.tasks, cfg.steps, cfg.lr
     (xs, ys), (xq, yq) = tasks
     serial = name.endswith("-serial")
     if name.removesuffix("-serial") in ESTIMATORS:
-        model = load(mg.models.Conv4(1, cfg.ways).to(init[0]), init)
+        model = load(mg_model(cfg).to(init[0]), init)
         theta = mg.params_of(model)
-        est = estimator(name.removesuffix("-serial"), mg.loss_fn(model, "cross_entropy"), steps)
+        est = estimator(name.removesuffix("-serial"), mg.loss_fn(model, "cross_entropy"), steps, lr)
         workers = 1 if serial else None
         return (
             lambda: list(mg.meta_gradient(est, theta, tasks, workers=workers)[0].values()),
             list(theta.values()),
         )
     if name in ("plain", "plain-mg-conv4"):
-        conv4 = standard_conv4 if name == "plain" else lambda w: mg.models.Conv4(1, w)
-        model = load(conv4(cfg.ways).to(init[0]), init)
+        model = load((standard_model if name == "plain" else mg_model)(cfg).to(init[0]), init)
         theta = dict(model.named_parameters())
 
         def plain() -> list[Tensor]:
@@ -189,7 +246,7 @@ def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Ru
                 for _ in range(steps):
                     loss = F.cross_entropy(functional_call(model, phi, (xs[i],)), ys[i])
                     g = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
-                    phi = {k: v - LR * gk for (k, v), gk in zip(phi.items(), g, strict=True)}
+                    phi = {k: v - lr * gk for (k, v), gk in zip(phi.items(), g, strict=True)}
                 loss = F.cross_entropy(functional_call(model, phi, (xq[i],)), yq[i])
                 for t, gt in zip(
                     total, torch.autograd.grad(loss, list(theta.values())), strict=True
@@ -198,12 +255,12 @@ def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Ru
             return total
 
         return plain, list(theta.values())
-    model = load(standard_conv4(cfg.ways).to(init[0]), init)
+    model = load(standard_model(cfg).to(init[0]), init)
     params: list[Tensor] = list(model.parameters())
     if name == "higher":
         import higher
 
-        inner_opt = torch.optim.SGD(params, lr=LR)
+        inner_opt = torch.optim.SGD(params, lr=lr)
 
         def run_higher() -> list[Tensor]:
             for i in range(n):
@@ -220,7 +277,7 @@ def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Ru
     if name == "torchopt":
         import torchopt
 
-        meta_opt = torchopt.MetaSGD(model, lr=LR)
+        meta_opt = torchopt.MetaSGD(model, lr=lr)
         state = torchopt.extract_state_dict(model)
         opt_state = torchopt.extract_state_dict(meta_opt)
 
@@ -246,7 +303,7 @@ def take_grads(params: list[Tensor]) -> list[Tensor]:
 
 def initial(cfg: Config, dtype: torch.dtype, seed: int = 0) -> list[Tensor]:
     torch.manual_seed(seed)
-    return [p.detach().to(DEVICE, dtype) for p in mg.models.Conv4(1, cfg.ways).parameters()]
+    return [p.detach().to(DEVICE, dtype) for p in mg_model(cfg).parameters()]
 
 
 def available(impls: list[str]) -> list[str]:
@@ -255,7 +312,7 @@ def available(impls: list[str]) -> list[str]:
 
 def check(cfg: Config, impls: list[str]) -> dict[str, float]:
     """Relative difference of each second-order implementation from the plain loop, float64."""
-    small = Config(cfg.ways, cfg.shots, 2, cfg.steps, cfg.queries)
+    small = dataclasses.replace(cfg, tasks=2)
     tasks, init = make_tasks(small, torch.float64, seed=1), initial(small, torch.float64, seed=1)
     ref = make("plain", small, tasks, init)[0]()
     out = {}
@@ -273,7 +330,7 @@ def flops(cfg: Config, name: str) -> float:
     shapes, so the count is linear in them); metagrad's estimators run with ``workers=1`` here,
     because the counter sees the calling thread only.
     """
-    small = Config(cfg.ways, cfg.shots, min(2, cfg.tasks), cfg.steps, cfg.queries)
+    small = dataclasses.replace(cfg, tasks=min(2, cfg.tasks))
     serial = f"{name}-serial" if name in ESTIMATORS else name
     run = make(serial, small, make_tasks(small, torch.float32), initial(small, torch.float32))[0]
     with FlopCounterMode(display=False) as counter:
@@ -394,7 +451,9 @@ def report(name: str, cfg: Config, times: dict, errors: dict, memory: dict, work
     libs = [k for k in LIBRARIES if k in times]
     best = min((median(times[k]["wall"]) for k in libs), default=None)
     lines = [
-        f"\n### {name}: {cfg.ways}-way {cfg.shots}-shot, B={cfg.tasks}, S={cfg.steps}\n",
+        f"\n### {name}: {cfg.ways}-way {cfg.shots}-shot, B={cfg.tasks}, S={cfg.steps}, "
+        f"{cfg.arch}{f' {cfg.widths}' if cfg.widths else ''} on "
+        f"{cfg.channels}x{cfg.size}x{cfg.size}, inner lr {cfg.lr}\n",
         "| implementation | wall s (median) | CPU s (median) | speed-up vs fastest library |"
         " float64 rel. diff vs plain | peak memory MB | GFLOP | GFLOP/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -426,7 +485,7 @@ def report(name: str, cfg: Config, times: dict, errors: dict, memory: dict, work
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", default=",".join(c for c in CONFIGS if c != "quick"))
+    p.add_argument("--configs", default=",".join(OMNIGLOT_CONFIGS), help=f"of {list(CONFIGS)}")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)

@@ -107,3 +107,35 @@ def test_data_script_quick(one_thread, capsys):
     assert data.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "synthetic 5-way 1-shot, 15 queries" in out and ">= 10,000 tasks/min" in out
+
+
+def test_mini_imagenet_shapes_quick(one_thread, capsys):
+    """The mini-ImageNet Conv4 and a small ResNet-12 config: the float64 check passes."""
+    bench = _load("bench_meta")
+    argv = ["--configs", "quick-mini,quick-resnet12", "--impls", "maml,plain", "--reps", "1"]
+    assert bench.main([*argv, "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "conv4-mini on 3x84x84" in out and "resnet12 (4, 8, 8, 16) on 3x84x84" in out
+    assert out.count("| maml |") == 2 and out.count("| plain |") == 2
+
+
+def test_mini_imagenet_configs_are_its_shapes(one_thread):
+    """The mini-* configs hold MAML's mini-ImageNet settings; the plain-PyTorch Conv4 that the
+    other libraries run computes the same function as metagrad's ``conv4-mini``."""
+    bench = _load("bench_meta")
+    for name, (shots, tasks) in {"5w1s-b4-s5": (1, 4), "5w5s-b2-s5": (5, 2)}.items():
+        for arch, key in (("conv4-mini", f"mini-{name}"), ("resnet12", f"mini-resnet12-{name}")):
+            cfg = bench.CONFIGS[key]
+            assert (cfg.arch, cfg.ways, cfg.shots, cfg.tasks) == (arch, 5, shots, tasks)
+            assert (cfg.steps, cfg.channels, cfg.size, cfg.queries, cfg.lr) == (5, 3, 84, 15, 0.01)
+    cfg = bench.CONFIGS["mini-5w1s-b4-s5"]
+    task = bench.make_tasks(bench.dataclasses.replace(cfg, tasks=1), torch.float64)
+    assert task.support.x.shape == (1, 5, 3, 84, 84) and task.query.x.shape == (1, 75, 3, 84, 84)
+    init = bench.initial(cfg, torch.float64)
+    ours = bench.load(bench.mg_model(cfg).double(), init)
+    theirs = bench.load(bench.standard_conv4_mini(5).double(), init)
+    x = task.query.x[0]
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+    resnet = bench.mg_model(bench.CONFIGS["mini-resnet12-5w1s-b4-s5"])
+    widths = [m.out_channels for m in resnet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sorted(set(widths)) == [64, 160, 320, 640]

@@ -96,12 +96,26 @@ def test_override_replaces_fields_in_any_section():
         ({"log_every": 0}, "log_every"),
         ({"no_such_field": 1}, "no_such_field"),
         ({"arch": "conv4"}, "conv4"),
-        ({"inner": "newton-cg"}, "newton-cg"),
+        ({"inner": "no-such-solver"}, "no-such-solver"),
+        ({"truncate": 2}, "truncate"),  # quickstart has 1 inner step
+        ({"posterior_samples": 0}, "posterior_samples"),
+        ({"prior_std": 0.0}, "prior_std"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_them(changes, named):
     with pytest.raises(ValueError, match=named):
         preset("quickstart").override(**changes)
+
+
+def test_every_inner_solver_fits_every_algorithm():
+    """MAML differentiates through any solver; the others run it on their own inner problem."""
+    from metagrad.algorithms import ALGORITHMS
+    from metagrad.inner import INNER_SOLVERS
+
+    for algorithm in ALGORITHMS:
+        for inner in INNER_SOLVERS:
+            config = preset("quickstart").override(algorithm=algorithm, inner=inner)
+            assert (config.algo.algorithm, config.algo.inner) == (algorithm, inner)
 
 
 def test_unknown_preset_suggests_close_names():

@@ -25,6 +25,9 @@ VARIANTS = {
     "imaml-hf": lambda loss: mg.build("imaml", loss, HF, lam=2.0, cg_steps=3),
     "imaml-damped": lambda loss: mg.IMAML(loss, GD, lam=2.0, cg_damping=1.0, lam_damping=10.0),
     "maml-through-newton-cg": lambda loss: mg.MAML(loss, mg.NewtonCG(steps=1, cg_steps=2)),
+    "probabilistic-imaml": lambda loss: mg.build(
+        "probabilistic-imaml", loss, GD, prior_std=0.5, samples=2, cg_steps=3
+    ),
     # The other registered solvers, and MAML's truncate and checkpoint options.
     "maml-momentum": lambda loss: mg.build("maml", loss, SOLVERS["momentum"]),
     "maml-nesterov-checkpoint": lambda loss: mg.MAML(loss, SOLVERS["nesterov"], checkpoint=True),
@@ -60,7 +63,8 @@ def _cases(*axes):
 
 
 def test_every_registered_algorithm_is_covered():
-    assert set(mg.ALGORITHMS) <= {name.split("-")[0] for name in VARIANTS}
+    covered = {a for a in mg.ALGORITHMS for v in VARIANTS if v == a or v.startswith(a + "-")}
+    assert covered == set(mg.ALGORITHMS)
 
 
 def test_every_registered_solver_is_covered():
@@ -76,7 +80,7 @@ def test_every_registered_solver_is_covered():
 def test_conformance(variant, problem):
     model, loss, tasks = PROBLEMS[problem]()
     est = VARIANTS[variant](loss)
-    theta = mg.params_of(model)
+    theta = est.init_meta(model)
     before_theta = copy.deepcopy({k: v.detach().clone() for k, v in theta.items()})
     before_tasks = [t.clone() for b in tasks for t in b]
 
@@ -104,8 +108,11 @@ def test_conformance(variant, problem):
     singles = [est(theta, mg.task_at(tasks, i))[0] for i in range(tasks.support.x.shape[0])]
     assert rel(batch_grad, mg.tree.mean(singles)) < 1e-12
 
-    phi = est.adapt(theta, mg.task_at(tasks, 0).support)
-    assert list(phi) == list(theta) and not any(v.requires_grad for v in phi.values())
+    # Adapted parameters, or a posterior over them (mean and std), keyed like the model's.
+    adapted = est.adapt(theta, mg.task_at(tasks, 0).support)
+    for phi in adapted if isinstance(adapted, mg.Posterior) else [adapted]:
+        assert list(phi) == list(mg.params_of(model))
+        assert not any(v.requires_grad for v in phi.values())
 
 
 @pytest.mark.parametrize("variant,native_batch_norm", _cases(sorted(VARIANTS), [False, True]))
@@ -114,7 +121,7 @@ def test_loop_and_vmap_agree_in_float64_with_batch_norm(variant, native_batch_no
         pytest.skip("the native batch-norm kernel's third derivative is wrong (see README)")
     model, loss, tasks = small_conv_task(n_tasks=3, native=native_batch_norm)
     est = VARIANTS[variant](loss)
-    theta = theta_of(model)
+    theta = {k: v.detach().clone() for k, v in est.init_meta(model).items()}
     loop, mloop = mg.meta_gradient(est, theta, tasks, mode="loop")
     vmap, mvmap = mg.meta_gradient(est, theta, tasks, mode="vmap")
     assert rel(vmap, loop) < 1e-10
@@ -137,7 +144,7 @@ def test_worker_threads_give_the_single_thread_result(variant):
     """Tasks spread over threads: per-task results in task order, sums equal to round-off."""
     model, loss, tasks = small_conv_task(n_tasks=5)
     est = VARIANTS[variant](loss)
-    theta = theta_of(model)
+    theta = {k: v.detach().clone() for k, v in est.init_meta(model).items()}
     threads = torch.get_num_threads()
     one, m1 = mg.meta_gradient(est, theta, tasks, workers=1)
     for workers in (2, 3, 8):  # 8 > 5 tasks: one task per thread

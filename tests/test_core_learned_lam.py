@@ -259,6 +259,7 @@ def test_init_meta_holds_the_live_parameters_and_log_lam():
         assert meta[k].shape == () and meta[k].requires_grad and meta[k].dtype == DT
         assert meta[k].item() == pytest.approx(math.log(0.5))
     assert list(mg.IMAML(loss, mg.GradientDescent()).init_meta(model)) == list(params)
+    assert list(est.model_params(meta)) == list(params)  # what evaluation hands the model
     assert "log_lam" in mg.build("imaml", loss, mg.GradientDescent(), learn_lam="global").init_meta(
         model
     )
@@ -303,5 +304,5 @@ def test_bad_learned_lam_settings_name_the_value_and_the_fix():
             super().__init__()
             self.log_lam = nn.Parameter(torch.zeros(1))
 
-    with pytest.raises(ValueError, match=r"parameter named 'log_lam'.*rename it"):
+    with pytest.raises(ValueError, match=r"parameter named 'log_lam'.*rename that parameter"):
         est.init_meta(Clash())

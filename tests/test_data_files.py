@@ -134,8 +134,9 @@ def test_missing_root_names_files_place_and_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as err:
         Omniglot(tmp_path / "nowhere", cache_dir=tmp_path / "c")
     message = str(err.value)
-    for part in ("images_background.zip", "images_evaluation.zip", "download=True", "nowhere"):
+    for part in ("images_background.zip", "images_evaluation.zip", "--data", "nowhere"):
         assert part in message
+    assert "download=True" not in message  # the command line has no such flag
     root = make_omniglot(tmp_path / "half", {"images_background": {"Alpha": 1}})
     with pytest.raises(FileNotFoundError, match="images_evaluation.zip") as err:
         Omniglot(root, cache_dir=tmp_path / "c")
@@ -156,15 +157,16 @@ def test_unexpected_layout_is_refused(tmp_path: Path) -> None:
         Omniglot(root, cache_dir=tmp_path / "c")
 
 
-def test_corrupt_zip_is_moved_aside_and_never_used(tmp_path: Path) -> None:
+def test_corrupt_user_zip_is_reported_left_in_place_and_never_used(tmp_path: Path) -> None:
     root = make_omniglot(tmp_path / "omniglot", zipped=True)
     bad = root / f"{TOPS[0]}.zip"
     bad.write_bytes(bad.read_bytes()[:1000])  # truncated
+    before = bad.read_bytes()
     with pytest.raises(CorruptSourceError, match="corrupt") as err:
         Omniglot(root, cache_dir=tmp_path / "c")
-    assert str(bad) in str(err.value)
-    assert not bad.exists() and (root / f"{TOPS[0]}.zip.corrupt").exists()
-    with pytest.raises(FileNotFoundError, match="images_background.zip"):
+    assert str(bad) in str(err.value) and "never moved" in str(err.value)
+    assert bad.read_bytes() == before and not list(root.glob("*.corrupt*"))  # the user's file
+    with pytest.raises(CorruptSourceError, match="corrupt"):
         Omniglot(root, cache_dir=tmp_path / "c")  # not used, not silently replaced
 
 
@@ -179,7 +181,7 @@ def test_bad_crc_inside_a_zip_is_caught(tmp_path: Path) -> None:
     bad.write_bytes(bytes(data))
     with pytest.raises(CorruptSourceError, match="0008_05.png") as err:
         Omniglot(root, cache_dir=tmp_path / "c")
-    assert "moved aside" in str(err.value) and (root / f"{TOPS[1]}.zip.corrupt").exists()
+    assert "never moved" in str(err.value) and bad.read_bytes() == bytes(data)
 
 
 def test_bad_drawing_found_by_the_worker_pool(tmp_path: Path) -> None:
@@ -190,8 +192,8 @@ def test_bad_drawing_found_by_the_worker_pool(tmp_path: Path) -> None:
         zip_folder(root / top, root / f"{top}.zip")
     with pytest.raises(CorruptSourceError, match="0049_17.png") as err:
         Omniglot(root, cache_dir=tmp_path / "c")
-    assert "moved aside" in str(err.value) and (root / f"{TOPS[1]}.zip.corrupt").exists()
-    assert (root / f"{TOPS[0]}.zip").exists()  # the good half stays
+    assert "never moved" in str(err.value) and (root / f"{TOPS[1]}.zip").exists()
+    assert (root / f"{TOPS[0]}.zip").exists() and not list(root.glob("*.corrupt*"))
 
 
 def test_undecodable_png_in_a_folder_is_named(tmp_path: Path) -> None:

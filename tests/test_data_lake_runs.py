@@ -124,12 +124,13 @@ def test_bad_runs_input(small: Omniglot, tmp_path: Path) -> None:
         make_lake_runs(small, tmp_path / "more", alphabets=2, ways=3)
 
 
-def test_corrupt_runs_zip_is_moved_aside(tmp_path: Path) -> None:
+def test_corrupt_runs_zip_is_reported_and_left_in_place(tmp_path: Path) -> None:
     bad = tmp_path / "all_runs.zip"
     bad.write_bytes(b"PK\x03\x04 this is not a zip")
     with pytest.raises(ValueError, match="corrupt zip"):
         LakeRuns(bad)
-    assert not bad.exists() and (tmp_path / "all_runs.zip.corrupt").exists()
+    assert bad.read_bytes() == b"PK\x03\x04 this is not a zip"  # the user's file, not moved
+    assert [p.name for p in tmp_path.iterdir()] == ["all_runs.zip"]
 
 
 @pytest.mark.slow

@@ -53,6 +53,16 @@ class Adapted(NamedTuple):
     path_losses: Tensor | None = None
 
 
+class Posterior(NamedTuple):
+    """A mean-field Gaussian over the parameters: ``mean`` and ``std``, both keyed like them.
+
+    What a probabilistic estimator's ``adapt`` returns (:class:`metagrad.ProbabilisticIMAML`).
+    """
+
+    mean: Params
+    std: Params
+
+
 class TaskSampler(Protocol):
     """A task family: ``sample(n, generator) -> Task``, ``n`` tasks stacked on dim 0.
 
@@ -101,4 +111,4 @@ class Estimator(Protocol):
 
     def __call__(self, theta: Params, task: Task) -> tuple[Params, Metrics]: ...
 
-    def adapt(self, theta: Params, support: Batch) -> Params: ...
+    def adapt(self, theta: Params, support: Batch) -> Params | Posterior: ...

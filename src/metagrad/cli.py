@@ -28,13 +28,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from metagrad.algorithms import ALGORITHMS
+from metagrad.data import BENCHMARKS
 from metagrad.data.registry import SPLITS
 from metagrad.experiments import _cli as experiment_cli
-from metagrad.experiments._cli import UsageError
+from metagrad.experiments._cli import UsageError, positive
+from metagrad.inner import INNER_SOLVERS
 from metagrad.training import (
     DEFAULT_PRESET,
     PRESETS,
     SECTIONS,
+    Config,
     TrainingError,
     TrainResult,
     evaluate_run,
@@ -115,6 +119,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help=f"named settings (default: {DEFAULT_PRESET}); see presets")
     p.add_argument("--out", help="run folder (default: runs/<preset>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    p.add_argument(
+        "--previous-checkpoint", action="store_true",
+        help="with --resume: continue from the checkpoint before the last (if that one is corrupt)",
+    )  # fmt: skip
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar")
     p.add_argument(
         "--dist-timeout", type=float, default=300, metavar="S",
@@ -133,22 +141,68 @@ def _train(args: argparse.Namespace, reducer: Reducer) -> int:
     if args.resume:
         if args.preset or args.out:
             raise UsageError("--resume continues a run as configured: drop --preset and --out")
-        result = resume(args.resume, progress=args.progress, reducer=reducer, **changes)
+        result = resume(
+            args.resume,
+            progress=args.progress,
+            reducer=reducer,
+            previous=args.previous_checkpoint,
+            **changes,
+        )
     else:
+        if args.previous_checkpoint:
+            raise UsageError("--previous-checkpoint goes with --resume DIR")
         name = args.preset or DEFAULT_PRESET
         config = preset(name).override(**changes)
+        _check_read(config, changes)
         out = Path(args.out) if args.out else _default_out(name)
         print(f"metagrad: training {name} in {out}", file=sys.stderr)
         result = train(config, out, progress=args.progress, reducer=reducer)
     if result.interrupted:
+        by = f" by {result.signal}" if result.signal else " (another rank was stopped)"
         print(
-            f"metagrad: interrupted at step {result.step}; checkpoint saved. Resume with: "
+            f"metagrad: interrupted{by} at step {result.step}; checkpoint saved. Resume with: "
             f"metagrad train --resume {result.path}",
             file=sys.stderr,
         )
-        return 130
+        return 143 if result.signal == "SIGTERM" else 130
     _report(result)
     return 0
+
+
+def _check_read(config: Config, changes: dict[str, Any]) -> None:
+    """``UsageError`` for a flag of another algorithm, inner solver or benchmark.
+
+    A field that some registry entry reads (its ``options``) is given only where the chosen
+    entry reads it: ``--leap-metric`` with ``maml`` would be written to config.json and ignored.
+    """
+    algo = ALGORITHMS[config.algo.algorithm]
+    inner = INNER_SOLVERS[config.algo.inner]
+    bench = BENCHMARKS[config.data.benchmark]
+    groups = [
+        ((ALGORITHMS, INNER_SOLVERS), (algo, inner),
+         f"{algo.name} with the {inner.name} inner solver", "--algorithm or --inner"),
+        ((BENCHMARKS,), (bench,), f"benchmark {bench.name}", "--benchmark"),
+    ]  # fmt: skip
+    for registries, chosen, what, which in groups:
+        some = {f for r in registries for e in r.entries() for f in e.options.values()}
+        read = {f for e in chosen for f in e.options.values()}
+        for name in sorted(changes.keys() & (some - read)):
+            flag = _flag(name)
+            readers = [
+                e.name for r in registries for e in r.entries() if name in e.options.values()
+            ]
+            raise UsageError(
+                f"{flag} is not read by {what}: drop it, or choose {which} that reads it "
+                f"({', '.join(readers)})"
+            )
+
+
+def _flag(name: str) -> str:
+    for kind in SECTIONS.values():
+        for f in dataclasses.fields(kind):
+            if f.name == name:
+                return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+    return "--" + name.replace("_", "-")
 
 
 def _default_out(name: str) -> Path:
@@ -175,7 +229,9 @@ def _report(result: TrainResult) -> None:
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="the run folder")
-    p.add_argument("--tasks", type=int, help="evaluation tasks (default: the run's eval_tasks)")
+    p.add_argument(
+        "--tasks", type=positive(int), help="evaluation tasks (default: the run's eval_tasks)"
+    )
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--lake-runs", metavar="PATH", help="Lake's one-shot runs: report error rate")
     p.add_argument("--data", help="Omniglot folder, if it moved since training")
@@ -192,8 +248,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         data=args.data,
         device=args.device,
         steps=args.eval_inner_steps,
+        report=lambda ev: print(ev.summary(), flush=True),  # printed before it is written
     )
-    print(ev.summary())
     print(f"written: {path}")
     return 0
 
@@ -251,3 +307,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `metagrad presets | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (silences the flush at exit)
         return 141
+    except OSError as e:  # the file system: permissions, a file for a folder, a full disk
+        print(f"metagrad: error: {_os_error(e)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(e: OSError) -> str:
+    if e.filename is None:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return (
+        f"{e.strerror or type(e).__name__}: {e.filename}: check its permissions and the free "
+        "space, or choose another path (a run's last checkpoint is kept; resume with "
+        "`metagrad train --resume DIR`)"
+    )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from torch import Tensor, nn
 
@@ -104,6 +105,12 @@ class EstimatorBase:
 
     loss: LossFn
     inner: object
+    hyper_prefixes: ClassVar[tuple[str, ...]] = ()
+    """Key prefixes of the meta-parameters that are not the model's (learned ``lam``, ...)."""
+
+    def model_params(self, meta: Params) -> Params:
+        """The entries of ``meta`` that the model takes: the initialisation ``theta``."""
+        return {k: v for k, v in meta.items() if not k.startswith(self.hyper_prefixes)}
 
     def init_meta(self, model: nn.Module) -> Params:
         """The meta-parameters to learn, as one flat dict: here the initialisation ``theta``.

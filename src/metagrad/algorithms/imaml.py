@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +72,8 @@ class IMAML(EstimatorBase):
     ``lam`` is the proximal strength (its initial value when ``learn_lam`` is ``"global"`` or
     ``"module"``; ``None`` keeps it fixed).
     """
+
+    hyper_prefixes: ClassVar[tuple[str, ...]] = (LAM,)
 
     loss: LossFn
     inner: InnerSolver
@@ -105,8 +107,8 @@ class IMAML(EstimatorBase):
             clash = [k for k in meta if _is_lam(k)]
             if clash:
                 raise ValueError(
-                    f"the model has a parameter named {clash[0]!r}, the key of the learned lam: "
-                    "rename it, or set learn_lam=None"
+                    f"the model has a parameter named {clash[0]!r}, a key IMAML keeps for a "
+                    "learned lam: rename that parameter"
                 )
             like = next(iter(meta.values()))
             for key in self._lam_keys(meta):

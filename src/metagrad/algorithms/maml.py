@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -232,6 +233,10 @@ def ANIL(  # noqa: N802 (a constructor, named like the class it stands for)
     inner: InnerSolver,
     head: Sequence[str] = ("head.",),
     first_order: bool = False,
+    **options: Any,
 ) -> MAML:
-    """ANIL: MAML whose inner loop adapts only the parameters named with a ``head`` prefix."""
-    return MAML(loss, inner, first_order=first_order, head=tuple(head))
+    """ANIL: MAML whose inner loop adapts only the parameters named with a ``head`` prefix.
+
+    ``options`` are MAML's (``truncate``, ``checkpoint``).
+    """
+    return MAML(loss, inner, first_order=first_order, head=tuple(head), **options)

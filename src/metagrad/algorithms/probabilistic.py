@@ -40,14 +40,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from metagrad import autodiff, implicit, linalg, tree
-from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Metrics, Params, Task
+from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Metrics, Params, Posterior, Task
 from metagrad.algorithms._base import EstimatorBase, check_batch, scored, task_metrics
 
 PRIOR = "prior_logstd"
@@ -55,13 +55,6 @@ PRIOR = "prior_logstd"
 
 ExpectedLoss = Callable[[Params, Params, Batch], Tensor]
 """``expected_loss(mean, std, batch)``: :math:`E_{\\phi \\sim N(mean, std^2)} L(\\phi, batch)`."""
-
-
-class Posterior(NamedTuple):
-    """A mean-field Gaussian over the parameters: ``mean`` and ``std``, both keyed like them."""
-
-    mean: Params
-    std: Params
 
 
 class Predictive(NamedTuple):
@@ -88,6 +81,8 @@ class ProbabilisticIMAML(EstimatorBase):
     ``noise_std`` is the Gaussian likelihood's noise scale of a regression loss (in the inner
     objective and in :func:`predictive`); ``nll_scale`` overrides the likelihood's weight.
     """
+
+    hyper_prefixes: ClassVar[tuple[str, ...]] = (PRIOR,)
 
     loss: LossFn
     inner: InnerSolver
@@ -151,7 +146,7 @@ class ProbabilisticIMAML(EstimatorBase):
 
     def _split(self, meta: Params) -> tuple[Params, Params]:
         """``(theta_0, prior log-std per parameter key)``."""
-        theta = {k: v for k, v in meta.items() if not k.startswith(PRIOR)}
+        theta = self.model_params(meta)
         like = next(iter(theta.values()))
         fixed = torch.full((), math.log(self.prior_std), dtype=like.dtype, device=like.device)
         if self.learn_prior_std in (True, "global"):
@@ -263,37 +258,34 @@ class ProbabilisticIMAML(EstimatorBase):
 
 
 def predictive(
-    estimator: ProbabilisticIMAML,
-    q: Posterior,
-    x: Tensor,
-    samples: int = 100,
-    generator: torch.Generator | None = None,
+    estimator: ProbabilisticIMAML, q: Posterior, x: Tensor, samples: int = 100, seed: int = 0
 ) -> Predictive:
     """The predictive distribution of ``q`` at inputs ``x``, from ``samples`` parameter draws.
 
     Regression (a loss with ``predict`` that is not a classifier): the mean of the sampled outputs
     and the std of the Gaussian mixture, ``sqrt(var + noise_std^2)``. Classification: the mean of
-    the sampled softmax probabilities (``std`` is None).
+    the sampled softmax probabilities (``std`` is None). The draws come from ``seed`` (NumPy, so
+    the function also runs under ``vmap``).
     """
     if samples < 1:
         raise ValueError(f"samples={samples}: draw at least 1 parameter sample")
     predict = getattr(estimator.loss, "predict", None)
     if predict is None:
         raise ValueError("predictive needs a metagrad Loss (metagrad.loss_fn) to run the model")
-    g = torch.Generator().manual_seed(0) if generator is None else generator
+    classify = bool(getattr(estimator.loss, "is_classification", False))
+    rng = np.random.default_rng(seed)
+    draws = {k: rng.standard_normal((samples, *m.shape)) for k, m in q.mean.items()}
     outs = []
     with torch.no_grad():
-        for _ in range(samples):
+        for j in range(samples):
             phi = {
-                k: m + s * torch.randn(m.shape, generator=g, dtype=m.dtype).to(m.device)
-                for k, (m, s) in ((k, (q.mean[k], q.std[k])) for k in q.mean)
+                k: m + q.std[k] * torch.as_tensor(draws[k][j], dtype=m.dtype, device=m.device)
+                for k, m in q.mean.items()
             }
             out = predict(phi, x)
-            outs.append(
-                out.softmax(-1) if getattr(estimator.loss, "is_classification", False) else out
-            )
+            outs.append(out.softmax(-1) if classify else out)
     stacked = torch.stack(outs)
-    if getattr(estimator.loss, "is_classification", False):
+    if classify:
         return Predictive(stacked.mean(0), None)
     var = stacked.var(0, correction=0) + estimator.noise_std**2
     return Predictive(stacked.mean(0), var.sqrt())

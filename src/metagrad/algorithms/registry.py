@@ -3,8 +3,8 @@
 ``ALGORITHMS.build(name, loss, inner, **options)`` builds an estimator; ``options`` maps each
 builder keyword to the config field that supplies it (``metagrad.training`` reads them from the
 config, the command line makes one flag per field). An entry's ``presets`` are the papers'
-settings for that algorithm (flat config overrides with their source); ``solvers`` lists the inner
-solvers it accepts.
+settings for that algorithm (flat config overrides with their source); ``solvers``, where given,
+restricts the inner solvers it accepts (by default every registered one).
 """
 
 from __future__ import annotations
@@ -16,18 +16,29 @@ from metagrad._types import Estimator, InnerSolver, LossFn
 from metagrad.algorithms.imaml import IMAML
 from metagrad.algorithms.leap import Leap
 from metagrad.algorithms.maml import ANIL, MAML
+from metagrad.algorithms.probabilistic import ProbabilisticIMAML
 from metagrad.algorithms.reptile import Reptile
 
 ALGORITHMS: Registry[Estimator] = Registry("algorithm")
 
-ALGORITHMS.register("maml", MAML, help="MAML, second order through the unrolled inner loop")
+MAML_OPTIONS = {"truncate": "truncate", "checkpoint": "checkpoint_inner"}
+
+ALGORITHMS.register(
+    "maml",
+    MAML,
+    options=MAML_OPTIONS,
+    help="MAML, second order through the unrolled inner loop",
+)
 ALGORITHMS.register(
     "fomaml",
     lambda loss, inner: MAML(loss, inner, first_order=True),
     help="first-order MAML: the query gradient at the adapted parameters",
 )
 ALGORITHMS.register(
-    "anil", ANIL, options={"head": "head"}, help="MAML adapting only the head's parameters"
+    "anil",
+    ANIL,
+    options={"head": "head", **MAML_OPTIONS},
+    help="MAML adapting only the head's parameters",
 )
 ALGORITHMS.register("reptile", Reptile, help="Reptile: theta - phi")
 ALGORITHMS.register(
@@ -47,7 +58,28 @@ ALGORITHMS.register(
         "learn_lam": "learn_lam",
     },
     help="iMAML: implicit meta-gradient of the proximal inner problem, by CG",
-    solvers=("gd", "newton-cg"),
+)
+
+
+def _probabilistic(
+    loss: LossFn, inner: InnerSolver, learn_prior_std: str | None = "global", **options: Any
+) -> ProbabilisticIMAML:
+    """From the config: ``learn_prior_std=None`` keeps the prior's std fixed."""
+    return ProbabilisticIMAML(loss, inner, learn_prior_std=learn_prior_std or False, **options)  # type: ignore[arg-type]
+
+
+ALGORITHMS.register(
+    "probabilistic-imaml",
+    _probabilistic,
+    options={
+        "prior_std": "prior_std",
+        "learn_prior_std": "learn_prior_std",
+        "samples": "posterior_samples",
+        "noise_std": "noise_std",
+        "cg_steps": "cg_steps",
+        "cg_damping": "cg_damping",
+    },
+    help="probabilistic iMAML: a Gaussian posterior per task, a learned Gaussian prior",
 )
 
 

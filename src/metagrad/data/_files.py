@@ -1,8 +1,10 @@
 """Files: download with a checksum, safe extraction, moving bad files aside, atomic writes.
 
 Every write here is atomic (a temporary file or folder, then ``os.replace``), so an interrupted
-download, extraction or cache write never looks complete. A file that fails a check is renamed
-``<name>.corrupt`` (or ``.corrupt.1``, ...) and never used again nor silently replaced.
+download, extraction or cache write never looks complete. A file that metagrad wrote (a download,
+marked by a hidden ``.<name>.downloaded`` beside it, or a file in the cache folder) that fails a
+check is renamed ``<name>.corrupt`` (or ``.corrupt.1``, ...) and never used again nor silently
+replaced; a file the user supplied is reported and left where it is.
 """
 
 from __future__ import annotations
@@ -31,12 +33,30 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "metagrad"
 
 
+def _marker(path: Path) -> Path:
+    return path.with_name(f".{path.name}.downloaded")
+
+
+def is_metagrads(path: Path) -> bool:
+    """Whether metagrad wrote ``path``: a download (``.part``, or marked) or a cache file."""
+    if path.name.endswith(".part") or _marker(path).is_file():
+        return True
+    try:
+        return path.resolve().is_relative_to(default_cache_dir().resolve())
+    except OSError:
+        return False
+
+
 def move_aside(path: Path, name: str | None = None) -> str:
-    """Rename a bad file to ``<name>.corrupt`` (numbered if taken); say where it went.
+    """Rename a bad file that metagrad wrote to ``<name>.corrupt`` (numbered if taken); say where
+    it went. A file the user supplied (:func:`is_metagrads` false) is never moved.
 
     ``name`` defaults to the file's own name. Returns a phrase for an error message; never raises
     (a file that cannot be moved, in a read-only folder say, is reported, not fatal).
     """
+    if not is_metagrads(path):
+        return f"it is left in place at {path} (a file you supplied is never moved); replace it"
+    _marker(path).unlink(missing_ok=True)
     base = name or path.name
     target = path.with_name(base + ".corrupt")
     n = 0
@@ -126,6 +146,7 @@ def download(url: str, dest: Path, md5: str, *, timeout: float = 60.0) -> Path:
             "and was not used. Retry the download, or fetch the file by hand"
         )
     os.replace(part, dest)
+    _marker(dest).write_text(f"{url} md5 {md5}\n")  # metagrad's own: moved aside if it goes bad
     return dest
 
 

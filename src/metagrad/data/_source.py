@@ -122,7 +122,10 @@ def _open_zip(path: Path) -> Iterator[zipfile.ZipFile]:
 def parse_layout(source: Source, members: Sequence[str]) -> list[Entry]:
     """Group PNG paths into characters, checking the official structure; ``ValueError`` if not."""
     where = f"{source.path}"
-    fix = "the copy looks incomplete or altered: use the official zips, or download=True"
+    fix = (
+        "the copy looks incomplete or altered: use the official zips (images_background.zip, "
+        "images_evaluation.zip) or their unzipped folders"
+    )
     groups: dict[tuple[str, str], list[str]] = {}
     for rel in members:
         parts = rel.split("/")

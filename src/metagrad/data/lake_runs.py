@@ -29,6 +29,7 @@ from metagrad.data._source import decode_png
 from metagrad.data.omniglot import Omniglot
 
 _LABELS = re.compile(r"(?:(.*)/)?(run\d+)/class_labels\.txt")
+_RUN_FILE = re.compile(r"(?:(.*)/)?(run\d+)/(?:training|test|class_labels\.txt)(?:/.*)?")
 _HOW = (
     "use the official all_runs.zip (Omniglot repository, python/one-shot-classification) or its "
     "unzipped folder, or build runs with metagrad.data.make_lake_runs(ds, path)"
@@ -51,6 +52,14 @@ class LakeRuns:
         found = sorted((m[2], m[1] or "") for key in files if (m := _LABELS.fullmatch(key)))
         if not found:
             raise ValueError(f"{self.path} holds no runNN/class_labels.txt; {_HOW}")
+        runs = {(m[2], m[1] or "") for key in files if (m := _RUN_FILE.fullmatch(key))}
+        unlabelled = sorted(runs - set(found))
+        if unlabelled:  # a run left out would change the error rate, silently
+            run, prefix = unlabelled[0]
+            raise ValueError(
+                f"{self.path}: {f'{prefix}/{run}'.lstrip('/')}/class_labels.txt is missing (it "
+                f"pairs each test item with its class); restore it, or {_HOW}"
+            )
         self.names: tuple[str, ...] = tuple(run for run, _ in found)
         self._tasks = [_parse_run(files, f"{prefix}/{run}".lstrip("/")) for run, prefix in found]
 
@@ -95,11 +104,8 @@ def _read_tree(path: Path) -> dict[str, bytes]:
                 for info in archive.infolist()
                 if not info.is_dir()
             }
-    except zipfile.BadZipFile as err:
-        where = _files.move_aside(path)
-        raise ValueError(
-            f"{path} is a corrupt zip ({err}): {where} and was not used; {_HOW}"
-        ) from err
+    except zipfile.BadZipFile as err:  # the user's file: reported, never moved
+        raise ValueError(f"{path} is a corrupt zip ({err}) and was not used; {_HOW}") from err
 
 
 def _parse_run(files: dict[str, bytes], run: str) -> Task:

@@ -184,10 +184,10 @@ def _locate(root: Path, download: bool) -> dict[str, Source]:
     if missing:
         wanted = " and ".join(f"{t}.zip (or the folder {t}/)" for t in missing)
         raise FileNotFoundError(
-            f"Omniglot not found: expected {wanted} in {root.resolve()}. Pass download=True to "
-            f"fetch them from {URLS[missing[0]].rsplit('/', 1)[0]}/, or point root at a folder "
-            "holding the official zips or their unzipped folders (Alphabet/characterKK/NNNN_DD.png"
-            "); the shared copy's path is in $METAGRAD_OMNIGLOT"
+            f"Omniglot not found: expected {wanted} in {root.resolve()}. Fetch them from "
+            f"{URLS[missing[0]].rsplit('/', 1)[0]}/ into that folder, or point --data (Python: "
+            "root) at a folder holding the official zips or their unzipped folders "
+            "(Alphabet/characterKK/NNNN_DD.png); the shared copy's path is in $METAGRAD_OMNIGLOT"
         )
     return found
 
@@ -261,8 +261,8 @@ def _corrupt(source: Source, err: Exception) -> NoReturn:
     if source.is_zip:
         where = _files.move_aside(source.path)
         raise CorruptSourceError(
-            f"{err}. The zip is corrupt: {where} and will not be used. Fetch it again "
-            f"(download=True, or from {URLS[source.top]})",
+            f"{err}. The zip is corrupt: {where}; it will not be used. Fetch it again "
+            f"from {URLS[source.top]}",
             source.path,
         ) from err
     raise CorruptSourceError(

@@ -35,7 +35,9 @@ from metagrad._registry import Registry
 from metagrad._types import Task, TaskSampler
 from metagrad.data._splits import PROTOCOLS
 from metagrad.data.alphabets import alphabet_tasks
+from metagrad.data.cifar import cifar_fs_splits, fc100_splits
 from metagrad.data.few_shot import ClassSet, FewShotSampler
+from metagrad.data.imagenet import mini_imagenet_splits, tiered_imagenet_splits
 from metagrad.data.omniglot import Omniglot
 from metagrad.data.sinusoid import Sinusoid
 from metagrad.tasks import count, select, stack
@@ -243,4 +245,63 @@ BENCHMARKS.register(
     image_size=28,
     root_env=OMNIGLOT_ENV,
     root_help=OMNIGLOT_FILES,
+)
+
+# The colour benchmarks (issue 19). Each reads the files users already have; CIFAR-FS and FC100
+# both read CIFAR-100's python version, so they share one variable.
+IMAGE_ARCHS = ("conv4", "conv4-mini", "resnet12")
+MINI_IMAGENET_FILES = (
+    "a folder holding mini-imagenet-cache-{train,val,test}.pkl, or train.csv, val.csv, test.csv "
+    "(filename,label) with the images in images/"
+)
+TIERED_IMAGENET_FILES = (
+    "a folder holding {train,val,test}_labels.pkl with {train,val,test}_images_png.pkl "
+    "or {train,val,test}_images.npz"
+)
+CIFAR100_ENV = "METAGRAD_CIFAR100"
+CIFAR100_FILES = "a folder holding cifar-100-python/ (train, test, meta) or cifar-100-python.tar.gz"
+
+register_few_shot(
+    "mini-imagenet",
+    mini_imagenet_splits,
+    help="mini-ImageNet N-way K-shot episodes (84x84 colour), Ravi & Larochelle's 64/16/20 split",
+    in_channels=3,
+    image_size=84,
+    splits=("ravi",),
+    root_env="METAGRAD_MINI_IMAGENET",
+    root_help=MINI_IMAGENET_FILES,
+    archs=IMAGE_ARCHS,
+)
+register_few_shot(
+    "tiered-imagenet",
+    tiered_imagenet_splits,
+    help="tiered-ImageNet N-way K-shot episodes (84x84 colour), Ren et al.'s 351/97/160 split",
+    in_channels=3,
+    image_size=84,
+    splits=("ren",),
+    root_env="METAGRAD_TIERED_IMAGENET",
+    root_help=TIERED_IMAGENET_FILES,
+    archs=IMAGE_ARCHS,
+)
+register_few_shot(
+    "cifar-fs",
+    cifar_fs_splits,
+    help="CIFAR-FS N-way K-shot episodes (32x32 colour), Bertinetto et al.'s 64/16/20 classes",
+    in_channels=3,
+    image_size=32,
+    splits=("bertinetto",),
+    root_env=CIFAR100_ENV,
+    root_help=CIFAR100_FILES,
+    archs=IMAGE_ARCHS,
+)
+register_few_shot(
+    "fc100",
+    fc100_splits,
+    help="FC100 N-way K-shot episodes (32x32 colour), Oreshkin et al.'s 12/4/4 superclasses",
+    in_channels=3,
+    image_size=32,
+    splits=("oreshkin",),
+    root_env=CIFAR100_ENV,
+    root_help=CIFAR100_FILES,
+    archs=IMAGE_ARCHS,
 )

@@ -29,7 +29,7 @@ class UsageError(Exception):
     """A mistake on the command line (``metagrad`` prints it in one line and exits with 2)."""
 
 
-def _positive(kind: type) -> Callable[[str], object]:
+def positive(kind: type) -> Callable[[str], object]:
     def parse(text: str) -> object:
         try:
             value = kind(text)
@@ -50,14 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="Omniglot folder (default: $METAGRAD_OMNIGLOT)")
     p.add_argument("--out", type=Path, help="results folder (default: runs/experiments/NAME)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--seeds", type=_positive(int), help="training seeds per cell")
+    p.add_argument("--seeds", type=positive(int), help="training seeds per cell")
     p.add_argument(
         "--budget-minutes",
-        type=_positive(float),
+        type=positive(float),
         metavar="M",
         help="wall-clock budget (see each experiment: per cell, or no new cell after M minutes)",
     )
-    p.add_argument("--steps", type=_positive(int), help="outer steps (or iterations) per cell")
+    p.add_argument("--steps", type=positive(int), help="outer steps (or iterations) per cell")
     p.add_argument("--lake-runs", type=Path, metavar="PATH", help="Lake's all_runs.zip")
 
 

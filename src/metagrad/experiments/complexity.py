@@ -399,13 +399,13 @@ def _plot(setting: dict, reached: dict, memory: dict, curves: dict, out: Path) -
     fl = setting["floors"]
     fixed = {"truncated, m = ": ("--", "Greens"), "iMAML, ": (":", "Purples")}  # fixed m, inner
     for j, (name, values) in enumerate(curves.items()):
-        style, color = "-", f"C{j}"
+        line, color = "-", f"C{j}"
         for prefix, (dash, cmap) in fixed.items():
             family = [k for k in curves if k.startswith(prefix) and k not in METHODS]
             if name in family:  # shades of the colour of the method they fix a part of
-                style = dash
-                color = matplotlib.colormaps[cmap](0.45 + 0.5 * family.index(name) / len(family))
-        ax.plot(fl["budgets"], [max(v, 1e-17) for v in values], style, marker="o", ms=3,
+                shade = matplotlib.colormaps[cmap](0.45 + 0.5 * family.index(name) / len(family))
+                line, color = dash, matplotlib.colors.to_hex(shade)
+        ax.plot(fl["budgets"], [max(v, 1e-17) for v in values], line, marker="o", ms=3,
                 color=color, label=name)  # fmt: skip
     ax.set(xscale="log", yscale="log", xlabel="budget S (inner steps; iMAML: and CG steps)",
            ylabel=f"relative error, κ = {fl['kappa']:g}")  # fmt: skip

@@ -121,7 +121,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         estimator = dataclasses.replace(estimator, **spec["estimator"])  # type: ignore[type-var]
     theta = estimator.init_meta(model)
     optimizer = torch.optim.Adam(list(theta.values()), lr=1e-3)
-    support, query = torch.load(spec["tasks"])  # saved as plain tuples by _tasks
+    support, query = torch.load(spec["tasks"], weights_only=True)  # plain tuples (_tasks)
     tasks = to_device(Task(Batch(*support), Batch(*query)), device)
     shots = config.data.shots
     warm = map_tensors(tasks, lambda t: t[:, ::shots])  # one example per class

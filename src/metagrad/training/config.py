@@ -103,7 +103,7 @@ class AlgoConfig:
 
     algorithm: str = _f("maml", "meta-learning algorithm", ALGORITHMS.names())
     inner: str = _f("gd", "inner solver", INNER_SOLVERS.names())
-    inner_lr: float = _f(0.01, "inner gradient-descent step size")
+    inner_lr: float = _f(0.01, "inner step size (learning rate of the inner solver)")
     inner_steps: int = _f(1, "inner steps while meta-training")
     eval_inner_steps: int | None = _f(None, "inner steps at test time (default: inner_steps)")
     newton_cg_steps: int = _f(5, "CG steps per Newton step of the newton-cg inner solver")
@@ -112,6 +112,12 @@ class AlgoConfig:
     inner_batch_size: int | None = _f(
         None, "inner mini-batch size, where the solver takes one (default: the support set)"
     )
+    truncate: int | None = _f(
+        None, "MAML: differentiate through the last N inner steps only (0: FOMAML; default: all)"
+    )
+    checkpoint_inner: bool = _f(
+        False, "MAML: keep only each inner step's parameters, recompute its forward backwards"
+    )
     lam: float = _f(2.0, "iMAML proximal regularisation strength")
     cg_steps: int = _f(5, "iMAML conjugate-gradient steps for the meta-gradient")
     cg_damping: float = _f(0.0, "iMAML: c in (1 + c) v + H v / (lam + d) = g (0: paper)")
@@ -119,6 +125,14 @@ class AlgoConfig:
     learn_lam: str | None = _f(
         None, "iMAML: learn lam too, one for all or one per module", ("global", "module")
     )
+    prior_std: float = _f(0.1, "probabilistic-imaml: the prior's std s (its start if learned)")
+    learn_prior_std: str | None = _f(
+        "global",
+        "probabilistic-imaml: learn log s, one for all or one per module",
+        ("global", "module"),
+    )
+    posterior_samples: int = _f(8, "probabilistic-imaml: posterior samples per expected loss")
+    noise_std: float = _f(1.0, "probabilistic-imaml: the Gaussian likelihood's noise (regression)")
     head: tuple[str, ...] = _f(
         ("head.",), "ANIL: prefixes of the parameters adapted in the inner loop"
     )
@@ -144,6 +158,13 @@ class AlgoConfig:
             value = getattr(self, name)
             _check(value >= 0, f"{name} must be >= 0, got {value}")
         _check(len(self.head) > 0, "head needs at least one parameter-name prefix, e.g. 'head.'")
+        for name in ("prior_std", "noise_std"):
+            value = getattr(self, name)
+            _check(value > 0, f"{name} must be positive, got {value}")
+        _check(
+            self.posterior_samples >= 1,
+            f"posterior_samples must be a positive integer, got {self.posterior_samples}",
+        )
         _check(
             0 <= self.inner_momentum < 1,
             f"inner_momentum must be in [0, 1), got {self.inner_momentum}",
@@ -151,6 +172,10 @@ class AlgoConfig:
         _check(
             len(self.inner_betas) == 2 and all(0 <= b < 1 for b in self.inner_betas),
             f"inner_betas must be two numbers in [0, 1), got {self.inner_betas}",
+        )
+        _check(
+            self.truncate is None or 0 <= self.truncate <= self.inner_steps,
+            f"truncate must be in [0, inner_steps={self.inner_steps}], got {self.truncate}",
         )
         _check(
             self.inner_batch_size is None or self.inner_batch_size >= 1,
@@ -251,7 +276,7 @@ class Config:
             f"split {self.data.split!r} is not a protocol of {bench.name!r}: use --split "
             f"{' or '.join(splits or ())}",
         )
-        solvers = ALGORITHMS[self.algo.algorithm].extra.get("solvers", ("gd",))
+        solvers = ALGORITHMS[self.algo.algorithm].extra.get("solvers", INNER_SOLVERS.names())
         _check(
             self.algo.inner in solvers,
             f"inner solver {self.algo.inner!r} is not for {self.algo.algorithm}; use --inner "

@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,7 @@ from metagrad.algorithms import meta_gradient
 from metagrad.algorithms.batching import Mode
 from metagrad.tasks import count, select
 from metagrad.training.loop import TrainingError
-from metagrad.training.reduce import Local, Reducer, ScoreFn
+from metagrad.training.reduce import SCORES, Local, Reducer, ScoreFn
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -126,6 +126,8 @@ class AllReduce:
         self.timeout = timeout
         self.rank, self.world = rank(), world_size()
         self.is_main = self.rank == 0
+        nccl = torch.cuda.is_available()  # NCCL reduces CUDA tensors only
+        self._device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
 
     def meta_gradient(
         self, estimator: Estimator, theta: Params, tasks: Task, mode: str
@@ -156,20 +158,26 @@ class AllReduce:
         return grads, out
 
     def score(self, score: ScoreFn, tasks: Task) -> torch.Tensor:
-        """The ``[n, 3]`` evaluation scores of all ``tasks``: this rank scores its share, a sum."""
+        """The ``[n, len(SCORES)]`` scores of all ``tasks``: this rank scores its share, a sum."""
         n = count(tasks)
         part = share(n, self.rank, self.world)
-        table = torch.zeros(n, 3, dtype=torch.float64, device=tasks.support.x.device)
+        table = torch.zeros(n, len(SCORES), dtype=torch.float64, device=tasks.support.x.device)
         if part.stop > part.start:
             table[part] = score(select(tasks, part)).to(table.dtype)
         self._all_reduce(table, "the evaluation all-reduce")
         return table
 
-    def _all_reduce(self, buffer: torch.Tensor, what: str) -> None:
+    def any_stop(self, requested: bool) -> bool:
+        """Whether any rank was asked to stop (SIGINT, SIGTERM): one all-reduce (max) of a flag."""
+        flag = torch.tensor([float(requested)], device=self._device)
+        self._all_reduce(flag, "the stop-flag all-reduce", op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _all_reduce(self, buffer: torch.Tensor, what: str, op: Any = dist.ReduceOp.SUM) -> None:
         """Sum ``buffer`` over the ranks in place; :class:`DistributedError` if a peer failed."""
         start = time.monotonic()
         try:
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            dist.all_reduce(buffer, op=op)
         except RuntimeError as e:  # gloo: a closed connection or a timeout (DistBackendError)
             raise _peer_error(what, time.monotonic() - start, self.timeout, e) from e
 
@@ -216,7 +224,8 @@ def session(timeout: float = DEFAULT_TIMEOUT) -> Iterator[Reducer]:
 
 
 def _terminated(signum: int, frame: object) -> None:
-    """SIGTERM from torchrun, which sends it to the survivors when a rank fails.
+    """SIGTERM from torchrun, which sends it to the survivors when a rank fails, outside the
+    outer loop (inside it, SIGTERM checkpoints and stops every rank at the same step).
 
     Rank 0 says why in one line (it may be terminated before its next all-reduce notices the dead
     peer); the other ranks end quietly, as the line of rank 0 or of the failed rank says it all.

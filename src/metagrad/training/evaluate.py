@@ -12,6 +12,7 @@ split and the chunk index only, so every run and every call sees the same tasks:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 
 from metagrad import autodiff
-from metagrad._types import Params, Task
+from metagrad._types import Batch, Params, Task
+from metagrad.algorithms import Posterior, predictive
 from metagrad.data import LakeRuns, TaskSource
 from metagrad.tasks import count, join, select, task_at
+from metagrad.training import calibration
 from metagrad.training.build import task_source
 from metagrad.training.reduce import Local, Reducer
 from metagrad.training.run import Run, RunDir, load_run, torch_settings
@@ -57,17 +60,23 @@ class Evaluation:
     loss_ci: float
     accuracy: float | None = None
     accuracy_ci: float | None = None
+    nll: float | None = None
+    nll_ci: float | None = None
+    calibration: float | None = None
+    calibration_ci: float | None = None
+    coverage: list[float] | None = None
 
     def scalars(self) -> dict[str, float]:
         """The numbers, for ``metrics.jsonl`` and TensorBoard."""
-        keys = ("loss_before", "loss", "accuracy", "accuracy_ci")
+        keys = ("loss_before", "loss", "accuracy", "accuracy_ci", "nll", "calibration")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
-        """One line: accuracy (classification) or the MSE before and after adaptation."""
+        """One line: accuracy (classification) or the MSE before and after adaptation; with a
+        posterior, its predictive NLL and calibration too."""
         if self.split == "lake" and self.accuracy is not None:
             text = f"error rate {100 * (1 - self.accuracy):.2f}% over {self.tasks} runs"
             return f"{text} (Lake's one-shot runs, {self.steps} steps)"
@@ -78,6 +87,13 @@ class Evaluation:
                 f"MSE {self.loss_before:.3f} +- {self.loss_before_ci:.3f} before adaptation, "
                 f"{self.loss:.3f} +- {self.loss_ci:.3f} after"
             )
+        if self.nll is not None:
+            name = "ECE" if self.accuracy is not None else "calibration error"
+            text += f"; predictive NLL {self.nll:.3f} +- {self.nll_ci:.3f}, {name}"
+            text += f" {self.calibration:.3f}"
+            if self.coverage is not None:
+                text += ", coverage " + "/".join(f"{100 * c:.0f}" for c in self.coverage)
+                text += "% of the 50/90/95% intervals"
         return f"{text} ({self.tasks} {self.split} tasks, {self.steps} steps)"
 
 
@@ -86,14 +102,48 @@ def inner_steps(estimator: Any) -> int:
     return int(getattr(estimator.inner, "steps", 0))
 
 
+PREDICTIVE_SAMPLES = 100
+"""Parameter draws per predictive distribution in an evaluation."""
+
+
 def _scores(estimator: Any, theta: Params, task: Task) -> torch.Tensor:
-    """``[loss before, loss after, accuracy]`` of one task (accuracy 0 for regression)."""
+    """The :data:`~.reduce.SCORES` of one task (accuracy 0 for regression; 0 without posterior).
+
+    For an estimator whose ``adapt`` gives a :class:`~metagrad.Posterior`, the losses and the
+    accuracy are those of the posterior mean, and the predictive distribution
+    (:func:`~metagrad.predictive`) gives the negative log-likelihood of the query targets with
+    its calibration: the coverage of the 50/90/95% intervals and their mean gap (regression), or
+    the expected calibration error (classification).
+    """
     loss = estimator.loss
-    phi = estimator.adapt(theta, task.support)
+    model_params = getattr(estimator, "model_params", None)
+    init = theta if model_params is None else model_params(theta)
+    adapted = estimator.adapt(theta, task.support)
+    posterior = isinstance(adapted, Posterior)
+    phi = adapted.mean if posterior else adapted
     with torch.no_grad():
-        before, after = loss(theta, task.query), loss(phi, task.query)
+        before, after = loss(init, task.query), loss(phi, task.query)
         acc = loss.accuracy(phi, task.query) if loss.is_classification else torch.zeros_like(after)
-    return torch.stack([before, after, acc])
+        extra = [torch.zeros_like(after)] * 5
+        if posterior:
+            extra = _uncertainty(estimator, adapted, task.query, loss.is_classification)
+    return torch.stack([before, after, acc, *(e.to(after.dtype) for e in extra)])
+
+
+def _uncertainty(estimator: Any, q: Posterior, query: Batch, classify: bool) -> list[torch.Tensor]:
+    """``[nll, calibration error, coverage at 50/90/95%]`` of the query set under ``q``."""
+    pred = predictive(estimator, q, query.x, samples=PREDICTIVE_SAMPLES)
+    if classify:
+        p = pred.mean.gather(-1, query.y.reshape(-1, 1)).clamp_min(
+            torch.finfo(pred.mean.dtype).tiny
+        )
+        ece = calibration.expected_calibration_error(pred.mean, query.y)
+        zero = torch.zeros_like(ece)
+        return [-p.log().mean(), ece, zero, zero, zero]
+    assert pred.std is not None
+    covered = calibration.coverage(query.y, pred.mean, pred.std)
+    nll = calibration.gaussian_nll(query.y, pred.mean, pred.std)
+    return [nll, calibration.calibration_error(covered), *covered.unbind()]
 
 
 def evaluate_tasks(
@@ -120,11 +170,16 @@ def evaluate_tasks(
         )
 
     scores = (reducer or Local()).score(score, tasks)
-    before, after, acc = scores.double().T.tolist()
+    before, after, acc, nll, cal, *cov = scores.double().T.tolist()
     steps = inner_steps(estimator)
     ev = Evaluation(split, len(before), steps, *mean_ci(before), *mean_ci(after))
     if estimator.loss.is_classification:
         ev.accuracy, ev.accuracy_ci = mean_ci(acc)
+    if hasattr(estimator, "posterior"):
+        ev.nll, ev.nll_ci = mean_ci(nll)
+        ev.calibration, ev.calibration_ci = mean_ci(cal)
+        if not estimator.loss.is_classification:
+            ev.coverage = [mean_ci(c)[0] for c in cov]
     return ev
 
 
@@ -165,18 +220,31 @@ def evaluate_run(
     data: str | None = None,
     device: str | None = None,
     steps: int | None = None,
+    report: Callable[[Evaluation], None] | None = None,
 ) -> tuple[Evaluation, Path]:
     """Evaluate the run in ``path`` (its latest checkpoint) and write the result there as JSON.
 
     ``lake_runs``: the error rate on Lake's one-shot runs (a 20-way Omniglot run) instead.
     ``data``, ``device``, ``steps`` override the run's data folder, device and test-time steps.
+    ``report`` is called with the result before it is written, so a failed write (``OSError``
+    naming the file) loses nothing.
     """
+    if tasks is not None and tasks < 1:
+        raise ValueError(f"--tasks must be a positive number of tasks, got {tasks}")
     run = load_run(path, device or "cpu")
     changes = {"root": data, "device": device, "eval_inner_steps": steps}
     run = run.with_config(**{k: v for k, v in changes.items() if v is not None})
     with torch_settings(run.config):
         ev, name = _evaluate_run(run, tasks, split, lake_runs)
-    return ev, RunDir(run.path).write_json(name, {"step": run.step, **ev.to_dict()})
+    if report is not None:
+        report(ev)
+    try:
+        return ev, RunDir(run.path).write_json(name, {"step": run.step, **ev.to_dict()})
+    except OSError as e:
+        raise OSError(
+            f"could not write {run.path / name} ({e.strerror or e}): the result above is not "
+            "saved there; check the folder's permissions and free space, or keep the printed line"
+        ) from None
 
 
 def _evaluate_run(
@@ -193,7 +261,7 @@ def _evaluate_run(
         ev = evaluate_tasks(run.estimator, run.params, task, "lake", mode)
         name = "eval_lake.json"
     else:
-        n = tasks or run.config.run.eval_tasks
+        n = run.config.run.eval_tasks if tasks is None else tasks
         source = task_source(run.config.data)
         ev = evaluate(run.estimator, run.params, source, split, n, run.config.run.eval_seed, mode)
         name = f"eval_{split}.json"

@@ -21,6 +21,7 @@ parameters, bit for bit, as one that was never stopped.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -31,12 +32,19 @@ import numpy as np
 import torch
 
 from metagrad._types import Metrics, Params
+from metagrad.algorithms import ALGORITHMS
 from metagrad.data import TaskSource
 from metagrad.tasks import to_device
 from metagrad.training.build import build_estimator, build_model, data_root, task_source
 from metagrad.training.checkpoint import (
     CHECKPOINT,
+    PREVIOUS,
+    RESUMABLE,
+    CorruptCheckpointError,
+    check_identity,
+    identity,
     load_checkpoint,
+    remove_stale_temps,
     save_checkpoint,
     set_rng_state,
 )
@@ -45,7 +53,7 @@ from metagrad.training.evaluate import Evaluation, evaluate
 from metagrad.training.plots import plot_curves, plot_sinusoid
 from metagrad.training.progress import Progress
 from metagrad.training.reduce import Local, Reducer
-from metagrad.training.run import RunDir, StopOnSigint, check_device, load_params, torch_settings
+from metagrad.training.run import RunDir, StopOnSignal, check_device, load_params, torch_settings
 
 __all__ = ["RESUMABLE", "TrainResult", "TrainingError", "resume", "task_seed", "train"]
 
@@ -67,6 +75,7 @@ class TrainResult:
     step: int
     params: Params
     interrupted: bool = False
+    signal: str | None = None  # what interrupted it: "SIGINT", "SIGTERM" (None: another rank)
     evaluation: Evaluation | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
@@ -92,9 +101,20 @@ def _scalars(metrics: Metrics) -> dict[str, torch.Tensor]:
     return out
 
 
-RESUMABLE = ("steps", "device", "log_every", "eval_every", "val_tasks", "eval_tasks",
-             "checkpoint_every", "tensorboard")  # fmt: skip
-"""Settings that may change when a run is resumed; the others would change its results."""
+def check_config(config: Config) -> None:
+    """``ValueError`` for a config that builds but cannot train (checked before any folder is
+    made): ``head`` prefixes that match no meta-parameter, for an algorithm that reads them."""
+    entry = ALGORITHMS[config.algo.algorithm]
+    if "head" in entry.options.values():
+        model = build_model(config)
+        names = list(build_estimator(config, model).init_meta(model))
+        if not any(n.startswith(tuple(config.algo.head)) for n in names):
+            heads = sorted({n.rsplit(".", 1)[0] + "." for n in names})
+            raise ValueError(
+                f"--head {' '.join(config.algo.head)} matches no parameter of {config.model.arch}"
+                f" (its parameters start with {', '.join(heads)}): pass one of those prefixes, "
+                f"e.g. --head {heads[-1]}"
+            )
 
 
 def train(
@@ -115,9 +135,16 @@ def train(
     reducer = reducer or Local()
     check_device(config)
     config = data_root(config)
+    check_config(config)
     source = task_source(config.data)
     run = RunDir.create(out, config, source.split_info, is_main=reducer.is_main)
-    return _train(config, run, source, False, progress, reducer)
+    return _train(config, run, source, None, progress, reducer)
+
+
+@dataclass(frozen=True)
+class _Resume:
+    previous: bool  # from checkpoint.prev.pt
+    changed: bool  # config.json is rewritten once every check has passed
 
 
 def resume(
@@ -125,11 +152,15 @@ def resume(
     *,
     progress: bool | None = None,
     reducer: Reducer | None = None,
+    previous: bool = False,
     **changes: Any,
 ) -> TrainResult:
     """Continue the run in ``out`` from its last checkpoint; ``changes``: only :data:`RESUMABLE`.
 
-    With deterministic kernels the result is bit-identical to a run that never stopped.
+    With deterministic kernels the result is bit-identical to a run that never stopped. The
+    checkpoint must belong to ``config.json`` (``ValueError`` naming the differing setting, and
+    nothing in the folder written); ``previous=True`` continues from ``checkpoint.prev.pt``
+    instead (the current checkpoint is then moved aside).
     """
     reducer = reducer or Local()
     run, config = RunDir.open(out, is_main=reducer.is_main)
@@ -141,9 +172,9 @@ def resume(
         )
     if changes:
         config = config.override(**changes)
-        run.update_config(config)
+    check_device(config)
     source = task_source(config.data)
-    return _train(config, run, source, True, progress, reducer)
+    return _train(config, run, source, _Resume(previous, bool(changes)), progress, reducer)
 
 
 def _get(config: Config, name: str) -> Any:
@@ -154,7 +185,7 @@ def _train(
     config: Config,
     run: RunDir,
     source: TaskSource,
-    resumed: bool,
+    resumed: _Resume | None,
     progress: bool | None,
     reducer: Reducer,
 ) -> TrainResult:
@@ -169,7 +200,7 @@ def _loop(
     config: Config,
     run: RunDir,
     source: TaskSource,
-    resumed: bool,
+    resumed: _Resume | None,
     progress: bool | None,
     reducer: Reducer,
 ) -> TrainResult:
@@ -186,29 +217,50 @@ def _loop(
     generator = torch.Generator()
     generators = {"tasks": generator}
     step = 0
-    if resumed and (run.path / CHECKPOINT).is_file():
-        state = load_checkpoint(run.path)  # on the CPU: random states must stay there
-        load_params(theta, state["params"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], generators)
-        step = int(state["step"])
-    run.start_logs(step, config.run.tensorboard)
+    if resumed is not None:  # every check before anything in the folder is written
+        step = _restore(run, config, theta, optimizer, generators, resumed.previous)
+        if config.optim.steps < step:
+            raise ValueError(
+                f"--steps {config.optim.steps} is below the step of the checkpoint in {run.path} "
+                f"({step}): pass --steps {step} or more"
+            )
+    start = step
+    run.start_logs(step, config.run.tensorboard)  # reads the log first: a bad line stops here
+    if resumed is not None and resumed.previous and run.is_main:
+        current = run.path / CHECKPOINT  # continued from the one before: keep it, out of the way
+        if current.is_file():
+            os.replace(current, _aside(current))
+    if resumed is not None and resumed.changed:
+        run.update_config(config)
+    if reducer.is_main:
+        remove_stale_temps(run.path)
+    belongs_to = identity(config, theta)
+
+    saved_at = start if resumed is not None else None
 
     def checkpoint() -> None:
+        nonlocal saved_at
+        saved_at = step
         if not all(bool(p.isfinite().all()) for p in theta.values()):
             raise TrainingError(f"non-finite parameters at step {step}: checkpoint not written")
         if reducer.is_main:
             save_checkpoint(
-                run.path, step=step, params=theta, optimizer=optimizer, generators=generators
+                run.path,
+                step=step,
+                params=theta,
+                optimizer=optimizer,
+                generators=generators,
+                belongs_to=belongs_to,
             )
 
-    stop = StopOnSigint()
+    stop = StopOnSignal()
+    stopping = False
     bar = Progress(config.optim.steps, step, enabled=progress)
     window: dict[str, torch.Tensor] = {}
     window_start, window_steps = time.perf_counter(), 0
     try:
         with stop:
-            while step < config.optim.steps and not stop.requested:
+            while step < config.optim.steps and not stopping:
                 for group in optimizer.param_groups:
                     group["lr"] = _lr(config, step)
                 seed_t = task_seed(seed, step)
@@ -248,18 +300,22 @@ def _loop(
                     run.log(step, ev.scalars(), prefix="val_")
                     bar.write(f"step {step}: validation {ev.summary()}")
                 bar.update(step)
-                if step % config.run.checkpoint_every == 0 or stop.requested:
+                stopping = reducer.any_stop(stop.requested)  # every rank stops at the same step
+                if step % config.run.checkpoint_every == 0 or stopping:
                     checkpoint()
-            if step == config.optim.steps and not stop.requested:
+            if step == config.optim.steps and not stopping and saved_at != step:
                 checkpoint()
     finally:
         bar.close()
-    result = TrainResult(run.path, step, theta, interrupted=stop.requested, history=run.metrics())
-    if not stop.requested:
+    result = TrainResult(run.path, step, theta, interrupted=stopping, history=run.metrics())
+    result.signal = stop.signal
+    if not stopping:
         n = config.run.eval_tasks
         ev = _evaluate(config, evaluator, theta, source, "test", n, reducer)
-        run.log(step, ev.scalars(), prefix="test_")
-        run.write_json("eval_test.json", ev.to_dict())
+        logged = any(k.startswith("test_") for r in result.history if r["step"] == step for k in r)
+        if not logged:  # a finished run resumed again: its test line is there already
+            run.log(step, ev.scalars(), prefix="test_")
+            run.write_json("eval_test.json", ev.to_dict())
         result.evaluation = ev
         if reducer.is_main and config.data.benchmark == "sinusoid":
             shots = config.data.eval_shots or config.data.shots
@@ -286,13 +342,58 @@ def _evaluate(
     return evaluate(est, theta, source, split, n, seed, mode, reducer)
 
 
+def _restore(
+    run: RunDir,
+    config: Config,
+    theta: Params,
+    optimizer: torch.optim.Optimizer,
+    generators: dict[str, torch.Generator],
+    previous: bool,
+) -> int:
+    """Load the run's checkpoint into ``theta``, ``optimizer`` and ``generators``; its step.
+
+    Nothing is written: the checkpoint reads, belongs to ``config`` and holds a whole run state,
+    or this raises ``ValueError``.
+    """
+    name = PREVIOUS if previous else CHECKPOINT
+    path = run.path / name
+    if not path.is_file():
+        if previous:
+            raise ValueError(f"{run.path} holds no previous checkpoint {PREVIOUS}")
+        return 0  # stopped before its first checkpoint: start again
+    state = load_checkpoint(run.path, name=name)  # on the CPU: random states must stay there
+    check_identity(state, config, theta, path)
+    try:
+        load_params(theta, state["params"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], generators)
+        step = int(state["step"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise CorruptCheckpointError(
+            f"{path} does not hold a whole run state ({type(e).__name__}: {str(e)[:60]}): "
+            "restore it from a copy, or start a new run with --out"
+        ) from None
+    return step
+
+
+def _aside(path: Path) -> Path:
+    target, n = path.with_name(path.name + ".set-aside"), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.set-aside.{n}")
+    return target
+
+
 def _diverged(run: RunDir, step: int, seed: int, what: str) -> TrainingError:
     ckpt = run.path / CHECKPOINT
-    kept = (
-        f"the last good checkpoint (step {load_checkpoint(run.path)['step']}) is kept in {ckpt}"
-        if ckpt.is_file()
-        else "no checkpoint had been written yet"
-    )
+    try:
+        kept = (
+            f"the last good checkpoint (step {load_checkpoint(run.path)['step']}) is kept in {ckpt}"
+            if ckpt.is_file()
+            else "no checkpoint had been written yet"
+        )
+    except CorruptCheckpointError:
+        kept = f"{ckpt} cannot be read"
     return TrainingError(
         f"non-finite meta-loss at step {step}, tasks drawn with "
         f"torch.Generator().manual_seed({seed}) ({what.split(':')[0]}); {kept}"

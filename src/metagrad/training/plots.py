@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from metagrad._types import Params
+from metagrad.algorithms import Posterior, predictive
 from metagrad.data import Sinusoid
 from metagrad.tasks import task_at, to_device
 from metagrad.training.evaluate import eval_seed, inner_steps
@@ -66,11 +67,18 @@ def plot_sinusoid(
     FigureCanvasAgg(fig)
     for i in range(n):
         support = to_device(task_at(tasks, i), device).support
-        phi = estimator.adapt(theta, support)
+        adapted = estimator.adapt(theta, support)
         x = grid.view(-1, 1).to(device)
-        with torch.no_grad():
-            pre, post = estimator.loss.predict(theta, x), estimator.loss.predict(phi, x)
         ax = fig.add_subplot(1, n, i + 1)
+        if isinstance(adapted, Posterior):  # the predictive mean with a 95% band
+            pred = predictive(estimator, adapted, x, samples=100)
+            assert pred.std is not None
+            mean, half = pred.mean[:, 0].float().cpu(), 1.96 * pred.std[:, 0].float().cpu()
+            ax.fill_between(grid, mean - half, mean + half, color="C1", alpha=0.25, label="95%")
+        phi = adapted.mean if isinstance(adapted, Posterior) else adapted
+        init = estimator.model_params(theta) if hasattr(estimator, "model_params") else theta
+        with torch.no_grad():
+            pre, post = estimator.loss.predict(init, x), estimator.loss.predict(phi, x)
         ax.plot(grid, curves[i, :, 0], "k-", label="truth")
         ax.plot(grid, pre[:, 0].float().cpu(), "C0--", label="before adaptation")
         ax.plot(

@@ -18,10 +18,14 @@ from metagrad._types import Estimator, Metrics, Params, Task
 from metagrad.algorithms import meta_gradient
 from metagrad.algorithms.batching import Mode
 
-__all__ = ["Local", "Reducer", "ScoreFn"]
+__all__ = ["SCORES", "Local", "Reducer", "ScoreFn"]
+
+SCORES = ("loss_before", "loss", "accuracy", "nll", "calibration", "cov50", "cov90", "cov95")
+"""The columns of an evaluation task's scores (the last five only for an estimator with a
+posterior; 0 otherwise)."""
 
 ScoreFn = Callable[[Task], Tensor]
-"""``score(tasks) -> [n, 3]``: loss before, loss after and accuracy of each of ``n`` tasks."""
+"""``score(tasks) -> [n, len(SCORES)]``: the :data:`SCORES` of each of ``n`` tasks."""
 
 
 class Reducer(Protocol):
@@ -43,7 +47,11 @@ class Reducer(Protocol):
         ...
 
     def score(self, score: ScoreFn, tasks: Task) -> Tensor:
-        """The ``[n, 3]`` scores of all ``n`` ``tasks``; ``score`` scores any subset of them."""
+        """The ``[n, len(SCORES)]`` scores of all ``n`` ``tasks``; ``score`` scores any subset."""
+        ...
+
+    def any_stop(self, requested: bool) -> bool:
+        """Whether any process was asked to stop (a signal): all of them stop at the same step."""
         ...
 
 
@@ -59,3 +67,6 @@ class Local:
 
     def score(self, score: ScoreFn, tasks: Task) -> Tensor:
         return score(tasks)
+
+    def any_stop(self, requested: bool) -> bool:
+        return requested

@@ -31,7 +31,12 @@ from torch import nn
 
 from metagrad._types import Params
 from metagrad.training.build import build_estimator, build_model
-from metagrad.training.checkpoint import CHECKPOINT, load_checkpoint
+from metagrad.training.checkpoint import (
+    CHECKPOINT,
+    PREVIOUS,
+    check_identity,
+    load_checkpoint,
+)
 from metagrad.training.config import Config
 
 CONFIG = "config.json"
@@ -105,10 +110,7 @@ class RunDir:
                 "command": sys.argv,
                 "torch": torch.__version__,
             }
-            text = json.dumps(record, indent=2)
-            tmp = run.path / f".{CONFIG}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, run.path / CONFIG)
+            run.write_json(CONFIG, record)
         return run
 
     @classmethod
@@ -148,15 +150,17 @@ class RunDir:
             raise ValueError(f"another process is training the run in {self.path}") from None
 
     def start_logs(self, step: int, tensorboard: bool) -> None:
-        """Drop log lines past ``step`` (they are redone on resume) and open TensorBoard."""
+        """Drop log lines past ``step`` (they are redone on resume) and open TensorBoard.
+
+        A torn last line (the process was killed, or the disk filled, while appending it) is
+        dropped with a warning; a bad line before the last is a ``ValueError`` naming it.
+        """
         if not self.is_main:
             return
         path = self.path / METRICS
         if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            tmp = self.path / f".{METRICS}.tmp"
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, path)
+            keep = [r for r in self._records(warn=True) if r["step"] <= step]
+            self._write_text(METRICS, "".join(json.dumps(r) + "\n" for r in keep))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
@@ -167,27 +171,59 @@ class RunDir:
         if not self.is_main:
             return
         record = {"step": step, **{prefix + k: v for k, v in values.items()}}
-        with open(self.path / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a torn line is dropped on resume
+            raise OSError(e.errno, e.strerror, str(self.path / METRICS)) from e
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(f"{prefix.rstrip('_') or 'train'}/{k}", v, step)
 
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         """Write ``data`` to ``name`` in the folder, atomically; returns the path."""
-        path = self.path / name
         if self.is_main:
-            tmp = self.path / f".{name}.tmp"
-            tmp.write_text(json.dumps(data, indent=2))
+            self._write_text(name, json.dumps(data, indent=2))
+        return self.path / name
+
+    def _write_text(self, name: str, text: str) -> None:
+        path = self.path / name
+        tmp = self.path / f".{name}.tmp-{os.getpid()}"  # the pid: stale ones are found and removed
+        try:
+            tmp.write_text(text)
             os.replace(tmp, path)
-        return path
+        except OSError as e:  # a full disk, say: name the file (a failed write() does not)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def metrics(self) -> list[dict[str, Any]]:
-        """The lines of ``metrics.jsonl``."""
+        """The lines of ``metrics.jsonl`` (a torn last line is left out)."""
+        return self._records(warn=False)
+
+    def _records(self, warn: bool) -> list[dict[str, Any]]:
         path = self.path / METRICS
-        text = path.read_text() if path.exists() else ""
-        text = text[: text.rfind("\n") + 1]  # complete lines: another process may be appending
-        return [json.loads(ln) for ln in text.splitlines()]
+        lines = (path.read_text(errors="replace") if path.exists() else "").split("\n")
+        out = []
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise ValueError("no step")
+            except ValueError:
+                if n < len(lines) - 1 and any(ln.strip() for ln in lines[n:]):
+                    raise ValueError(
+                        f"{path}, line {n}, is not a metagrad log line ({line[:40]!r}): delete "
+                        "that line (or the lines from it on) and resume again"
+                    ) from None
+                if warn:  # the last line, torn by a kill or a full disk while it was appended
+                    print(f"metagrad: warning: dropped the torn last line of {path} (an "
+                          "interrupted write)", file=sys.stderr)  # fmt: skip
+                break
+            out.append(record)
+        return out
 
     def close(self) -> None:
         if self._tb is not None:
@@ -222,49 +258,71 @@ class Run:
         )
 
 
-def load_run(path: str | Path, map_location: str | torch.device = "cpu") -> Run:
-    """The latest checkpoint of the run in ``path`` (``ValueError`` if it holds no run)."""
+def load_run(
+    path: str | Path, map_location: str | torch.device = "cpu", *, previous: bool = False
+) -> Run:
+    """The latest checkpoint of the run in ``path`` (``ValueError`` if it holds no run).
+
+    The checkpoint must belong to the run's ``config.json`` (see
+    :func:`~metagrad.training.checkpoint.check_identity`). ``previous=True``: the checkpoint
+    before it (``checkpoint.prev.pt``). Nothing is written.
+    """
     run, config = RunDir.open(path, is_main=False)
-    if not (run.path / CHECKPOINT).is_file():
-        raise ValueError(f"{run.path} holds no checkpoint yet: train it first")
-    state = load_checkpoint(run.path, map_location)
+    name = PREVIOUS if previous else CHECKPOINT
+    if not (run.path / name).is_file():
+        raise ValueError(f"{run.path} holds no {name} yet: train it first")
+    state = load_checkpoint(run.path, map_location, name=name)
     model = build_model(config).to(map_location)
     estimator = build_estimator(config, model, evaluation=True)
     params = estimator.init_meta(model)
+    check_identity(state, config, params, run.path / name)
     load_params(params, state["params"])
     return Run(run.path, config, int(state["step"]), params, model, estimator)
 
 
 def load_params(params: Params, saved: Params) -> None:
-    """Copy ``saved`` into ``params`` in place; ``ValueError`` if their names differ."""
-    if set(params) != set(saved):
+    """Copy ``saved`` into ``params`` in place; ``ValueError`` if their names or shapes differ."""
+    if set(params) != set(saved) or any(params[k].shape != saved[k].shape for k in params):
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
         raise ValueError(
             f"the checkpoint's meta-parameters do not fit this run's estimator (missing "
-            f"{missing[:3]}, unexpected {extra[:3]}): was it written by another config?"
+            f"{missing[:3]}, unexpected {extra[:3]}, or other shapes): was it written by "
+            "another config?"
         )
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k])
 
 
-class StopOnSigint:
-    """While active, Ctrl-C asks the loop to stop at the end of the step (a second one aborts)."""
+class StopOnSignal:
+    """While active, Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, torchrun's stop) asks
+    the loop to stop at the end of the step; a second SIGINT aborts at once.
+
+    ``signal`` names the first one received.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._old: Any = None
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one aborts at once
+        self.signal = self.signal or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one aborts
 
-    def __enter__(self) -> StopOnSigint:
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
+
+
+StopOnSigint = StopOnSignal  # the former name
