@@ -25,6 +25,8 @@ VARIANTS = {
     "imaml-hf": lambda loss: mg.build("imaml", loss, HF, lam=2.0, cg_steps=3),
     "imaml-damped": lambda loss: mg.IMAML(loss, GD, lam=2.0, cg_damping=1.0, lam_damping=10.0),
     "maml-through-newton-cg": lambda loss: mg.MAML(loss, mg.NewtonCG(steps=1, cg_steps=2)),
+    "maml-learn-lr-parameter": lambda loss: mg.MAML(loss, GD, learn_lr="parameter"),
+    "anil-learn-lr-layer-step": lambda loss: mg.ANIL(loss, GD, learn_lr="layer-step"),
     "probabilistic-imaml": lambda loss: mg.build(
         "probabilistic-imaml", loss, GD, prior_std=0.5, samples=2, cg_steps=3
     ),

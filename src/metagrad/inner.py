@@ -189,6 +189,26 @@ class GradientDescent(IterativeSolver):
         return {"params": tree.axpy(-self.lr, g, state["params"])}, value, g
 
 
+@dataclass(frozen=True, eq=False)
+class LearnedRates(IterativeSolver):
+    """Gradient descent with a step size per parameter entry: ``phi_{k+1} = phi_k - a_k * g_k``.
+
+    ``rates(k)`` gives step ``k``'s step sizes, keyed like the adapted parameters and broadcast
+    against them (a tensor of each parameter's shape, or a scalar). The rates are meta-parameters
+    (Meta-SGD, MAML++): :class:`metagrad.MAML` builds this solver from them in ``learn_lr`` mode,
+    and differentiates through it with respect to the rates too.
+    """
+
+    rates: Callable[[int], Params]
+    steps: int = 1
+    batch_size: int | None = None
+
+    def step(self, f: Objective, state: State, k: int) -> tuple[State, Tensor, Params]:
+        g, value = autodiff.grad_and_value(f)(state["params"])
+        a = self.rates(k)
+        return {"params": {n: p - a[n] * g[n] for n, p in state["params"].items()}}, value, g
+
+
 @dataclass(frozen=True)
 class Momentum(IterativeSolver):
     r"""Heavy-ball momentum, or Nesterov's accelerated gradient with ``nesterov=True``.

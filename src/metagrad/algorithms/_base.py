@@ -12,6 +12,11 @@ from metagrad import tree
 from metagrad._types import Adapted, Batch, LossFn, Metrics, Params, Task
 
 
+def module_of(key: str) -> str:
+    """The module that holds parameter ``key``: ``"body.0"`` for ``"body.0.weight"``."""
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
 def check_batch(batch: Batch, name: str, task_dims: int) -> None:
     """Raise ``ValueError`` unless ``x`` and ``y`` agree on their leading (task, example) dims."""
     x, y = batch

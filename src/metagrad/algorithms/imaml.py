@@ -48,17 +48,12 @@ from torch import Tensor, nn
 
 from metagrad import autodiff, implicit, linalg, tree
 from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Metrics, Params, Task
-from metagrad.algorithms._base import EstimatorBase, scored, task_metrics
+from metagrad.algorithms._base import EstimatorBase, module_of, scored, task_metrics
 
 LAM = "log_lam"
 """The key of a learned lam's logarithm in the meta-parameters (``log_lam/<module>`` per module)."""
 
 LearnLam = Literal["global", "module"]
-
-
-def module_of(key: str) -> str:
-    """The module that holds parameter ``key``: ``"body.0"`` for ``"body.0.weight"``."""
-    return key.rsplit(".", 1)[0] if "." in key else key
 
 
 def _is_lam(key: str) -> bool:

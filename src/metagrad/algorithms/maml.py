@@ -1,4 +1,4 @@
-r"""MAML, first-order MAML, ANIL, truncated and checkpointed MAML.
+r"""MAML, first-order MAML, ANIL, truncated and checkpointed MAML, learned step sizes.
 
 Finn, Abbeel & Levine (2017), *Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks*;
 Raghu et al. (2020), *Rapid Learning or Feature Reuse?* (ANIL); Shaban et al. (2019), *Truncated
@@ -21,6 +21,14 @@ identity: :math:`g = J_{S-m}^\top \cdots J_{S-1}^\top \nabla L_q(\phi_S)`, appli
 :math:`\phi_{S-m}` as if it were :math:`\theta` (``m = 0`` is FOMAML, ``m = S`` is MAML); the
 first :math:`S - m` steps build no graph, so memory is that of :math:`m` steps.
 
+``learn_lr`` learns the inner step sizes with the initialisation (gradient descent inner loops):
+``"parameter"`` one per parameter entry, :math:`\phi_{k+1} = \phi_k - \alpha \odot \nabla
+L_s(\phi_k)` (Meta-SGD, Li et al. 2017), ``"layer-step"`` one per parameter tensor and inner step
+(MAML++, Antoniou et al. 2019). They are stored as logarithms, ``log_lr/<name>`` (shape of the
+parameter, or ``(steps,)``), so they stay positive, start at the solver's ``lr``, and get their
+gradient through the same unrolled loop. With more inner steps than learned (at test time), the
+last step's rates repeat.
+
 ``checkpoint=True`` computes the same product, exactly, by a reverse sweep: the forward pass keeps
 only the states :math:`s_k` (parameter-sized tensors), no activations; then, from
 :math:`a_S = \nabla L_q(\phi_S)`, each step is recomputed from :math:`s_k` and differentiated
@@ -36,17 +44,21 @@ backends of :mod:`metagrad.autodiff`, under ``vmap`` too, and combines with ``tr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from metagrad import autodiff, tree
 from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Metrics, Params, Task
 from metagrad.algorithms._base import EstimatorBase, scored, task_metrics
-from metagrad.inner import IterativeSolver, State, split
+from metagrad.inner import GradientDescent, IterativeSolver, LearnedRates, State, split
+
+LR = "log_lr"
+"""The key prefix of learned step sizes' logarithms in the meta-parameters: ``log_lr/<name>``."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,14 +69,18 @@ class MAML(EstimatorBase):
     each step in the backward pass instead of storing its activations (the same gradient).
     """
 
+    hyper_prefixes: ClassVar[tuple[str, ...]] = (LR,)
+
     loss: LossFn
     inner: InnerSolver
     first_order: bool = False
     head: tuple[str, ...] | None = None
     truncate: int | None = None
     checkpoint: bool = False
+    learn_lr: Literal["parameter", "layer-step"] | None = None
 
     def __post_init__(self) -> None:
+        self._check_learn_lr()
         if self.head is not None:
             head = (self.head,) if isinstance(self.head, str) else tuple(self.head)
             if not head or not all(isinstance(p, str) and p for p in head):
@@ -96,6 +112,65 @@ class MAML(EstimatorBase):
                 f"(metagrad.inner.IterativeSolver: init and step), got {type(self.inner).__name__}"
             )
 
+    def _check_learn_lr(self) -> None:
+        if self.learn_lr is None:
+            return
+        if self.learn_lr not in ("parameter", "layer-step"):
+            raise ValueError(
+                f"learn_lr={self.learn_lr!r}: use 'parameter' (Meta-SGD), 'layer-step' (MAML++) "
+                "or None"
+            )
+        if self.first_order:
+            raise ValueError(
+                f"learn_lr={self.learn_lr!r} with first_order=True: first-order MAML takes the "
+                "query gradient at phi as the meta-gradient, which has no part for the step "
+                "sizes, so they would never move; use first_order=False"
+            )
+        if not isinstance(self.inner, GradientDescent):
+            raise ValueError(
+                f"learn_lr={self.learn_lr!r} learns gradient descent's step sizes; the inner "
+                f"solver is {type(self.inner).__name__}: use metagrad.GradientDescent"
+            )
+        if self.truncate is not None or self.checkpoint:
+            raise ValueError(
+                f"learn_lr={self.learn_lr!r} with truncate or checkpoint is not supported: the "
+                "step sizes' gradient needs the whole unrolled loop; drop truncate / checkpoint"
+            )
+
+    def init_meta(self, model: nn.Module) -> Params:
+        """The initialisation, and with ``learn_lr`` the log step sizes (``log_lr/<name>``)."""
+        meta: Params = dict(model.named_parameters())
+        if self.learn_lr is None:
+            return meta
+        lr = math.log(self.inner.lr)  # type: ignore[attr-defined]
+        for name in self.keys(meta) or list(meta):
+            p = meta[name]
+            shape = p.shape if self.learn_lr == "parameter" else (self.inner.steps,)
+            meta[f"{LR}/{name}"] = nn.Parameter(
+                torch.full(shape, lr, dtype=p.dtype, device=p.device)
+            )
+        return meta
+
+    def solver(self, meta: Params) -> tuple[Params, InnerSolver]:
+        """``(theta, inner solver)``: with ``learn_lr``, gradient descent at the learned rates."""
+        theta = self.model_params(meta)
+        if self.learn_lr is None:
+            return theta, self.inner
+        logs = {k[len(LR) + 1 :]: v for k, v in meta.items() if k.startswith(LR + "/")}
+        if not logs:
+            raise ValueError(
+                f"learn_lr={self.learn_lr!r} but the meta-parameters hold no {LR}/ entries: "
+                "start them with estimator.init_meta(model)"
+            )
+
+        def rates(k: int) -> Params:
+            if self.learn_lr == "parameter":
+                return {n: v.exp() for n, v in logs.items()}
+            return {n: v[min(k, v.shape[0] - 1)].exp() for n, v in logs.items()}
+
+        gd: GradientDescent = self.inner  # type: ignore[assignment]
+        return theta, LearnedRates(rates, steps=gd.steps, batch_size=gd.batch_size)
+
     def keys(self, theta: Params) -> list[str] | None:
         """The adapted parameter names: all (None), or those starting with a ``head`` prefix."""
         if self.head is None:
@@ -109,7 +184,7 @@ class MAML(EstimatorBase):
         return keys
 
     def meta_grad(self, theta: Params, task: Task) -> tuple[Params, Metrics]:
-        keys = self.keys(theta)
+        keys = self.keys(self.model_params(theta))
         score = scored(self.loss)
         if self.first_order:  # J = I: the query gradient at phi
             adapted = self.inner(self.loss, theta, task.support, keys=keys)
@@ -120,8 +195,8 @@ class MAML(EstimatorBase):
             grad, adapted, query_loss, accuracy = self._reverse_sweep(theta, task, keys)
         else:  # d/dtheta L_q(phi(theta)), through the unrolled solver (its last `truncate` steps)
 
-            def query_loss_of(th: Params) -> tuple[Tensor, tuple[tuple, Tensor | None]]:
-                adapted = self._unrolled(th, task.support, keys)
+            def query_loss_of(meta: Params) -> tuple[Tensor, tuple[tuple, Tensor | None]]:
+                adapted = self._unrolled(meta, task.support, keys)
                 value, accuracy = score(adapted.params, task.query)
                 return value, (adapted[:2], accuracy)
 
@@ -132,14 +207,16 @@ class MAML(EstimatorBase):
         return grad, task_metrics(self.loss, adapted, task.query, query_loss, accuracy)
 
     def _adapt(self, theta: Params, support: Batch) -> Adapted:
-        return self.inner(self.loss, theta, support, keys=self.keys(theta))
+        theta, inner = self.solver(theta)
+        return inner(self.loss, theta, support, keys=self.keys(theta))
 
-    def _unrolled(self, theta: Params, support: Batch, keys: list[str] | None) -> Adapted:
+    def _unrolled(self, meta: Params, support: Batch, keys: list[str] | None) -> Adapted:
         """``phi_S(theta)`` with the Jacobians of the last ``truncate`` steps, J = I before."""
+        theta, solver = self.solver(meta)
         steps = self.inner.steps
         m = steps if self.truncate is None else self.truncate
         if m == steps:
-            return self.inner(self.loss, theta, support, keys=keys)
+            return solver(self.loss, theta, support, keys=keys)
         inner: IterativeSolver = self.inner  # type: ignore[assignment]
         phi, frozen = split(theta, keys)
         f = self._objectives(support)
@@ -237,6 +314,6 @@ def ANIL(  # noqa: N802 (a constructor, named like the class it stands for)
 ) -> MAML:
     """ANIL: MAML whose inner loop adapts only the parameters named with a ``head`` prefix.
 
-    ``options`` are MAML's (``truncate``, ``checkpoint``).
+    ``options`` are MAML's (``truncate``, ``checkpoint``, ``learn_lr``).
     """
     return MAML(loss, inner, first_order=first_order, head=tuple(head), **options)

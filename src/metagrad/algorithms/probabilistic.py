@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from metagrad import autodiff, implicit, linalg, tree
 from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Metrics, Params, Posterior, Task
-from metagrad.algorithms._base import EstimatorBase, check_batch, scored, task_metrics
+from metagrad.algorithms._base import EstimatorBase, check_batch, module_of, scored, task_metrics
 
 PRIOR = "prior_logstd"
 """The meta-parameter key of the prior's log-std (``prior_logstd/<module>`` per module)."""
@@ -63,10 +63,6 @@ class Predictive(NamedTuple):
 
     mean: Tensor
     std: Tensor | None
-
-
-def _module(key: str) -> str:
-    return key.rsplit(".", 1)[0] if "." in key else key
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,7 +137,7 @@ class ProbabilisticIMAML(EstimatorBase):
         if self.learn_prior_std in (True, "global"):
             return [PRIOR]
         if self.learn_prior_std == "module":
-            return sorted({f"{PRIOR}/{_module(k)}" for k in theta if not k.startswith(PRIOR)})
+            return sorted({f"{PRIOR}/{module_of(k)}" for k in theta if not k.startswith(PRIOR)})
         return []
 
     def _split(self, meta: Params) -> tuple[Params, Params]:
@@ -152,7 +148,7 @@ class ProbabilisticIMAML(EstimatorBase):
         if self.learn_prior_std in (True, "global"):
             return theta, {k: meta[PRIOR] for k in theta}
         if self.learn_prior_std == "module":
-            return theta, {k: meta[f"{PRIOR}/{_module(k)}"] for k in theta}
+            return theta, {k: meta[f"{PRIOR}/{module_of(k)}"] for k in theta}
         return theta, {k: fixed for k in theta}
 
     # -- the inner problem ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from metagrad.algorithms.reptile import Reptile
 
 ALGORITHMS: Registry[Estimator] = Registry("algorithm")
 
-MAML_OPTIONS = {"truncate": "truncate", "checkpoint": "checkpoint_inner"}
+MAML_OPTIONS = {"truncate": "truncate", "checkpoint": "checkpoint_inner", "learn_lr": "learn_lr"}
 
 ALGORITHMS.register(
     "maml",

@@ -22,8 +22,9 @@ validation loss at the training optimum, :math:`\min_\lambda L_V(w^*(\lambda))` 
    per parameter learned by Adam on implicit hypergradients (CG) of the validation loss, from the
    grid's best; also a single decay learned the same way, as a check on the grid. Validation and
    test accuracy of each (the test drawings are used for nothing else).
-3. *(To come with the learned step sizes of issue 15: learned lam and learned inner step sizes
-   on sinusoid, beside MAML and iMAML with fixed values. Its table goes after these two.)*
+3. Learned lam and learned inner step sizes on sinusoid, beside MAML and iMAML with fixed values
+   (:mod:`metagrad.experiments._learned`): four resumable runs of 2,000 outer steps each under
+   ``OUT/cells/learned``, the query MSE and the learned values.
 
 ::
 
@@ -48,6 +49,7 @@ from metagrad import autodiff, implicit, linalg, tree
 from metagrad._types import Batch, LossFn, Params
 from metagrad.data import Omniglot
 from metagrad.experiments._cells import machine, reject, save_figure
+from metagrad.experiments._learned import learned_table
 from metagrad.experiments._report import Options, Report, Table
 from metagrad.inner import NewtonCG
 from metagrad.models import Loss, loss_fn
@@ -63,11 +65,11 @@ SPLIT = (5, 8, 7)  # drawings per character: train, validation, test (of 20)
 FULL: dict[str, Any] = {
     "problems": 10, "products": (0, 1, 2, 4, 8, 16, 32, 64, 128),
     "alphabets": ("Latin", "Greek", "Futurama"), "grid": tuple(10 ** (e / 2) for e in range(-8, 1)),
-    "steps": 100, "global_steps": 40,
+    "steps": 100, "global_steps": 40, "sinusoid_steps": 2000, "sinusoid_tasks": 600,
 }  # fmt: skip
 QUICK: dict[str, Any] = {
     "problems": 2, "products": (0, 2, 8), "alphabets": ("Latin",), "grid": (1e-3, 1e-2),
-    "steps": 3, "global_steps": 2,
+    "steps": 3, "global_steps": 2, "sinusoid_steps": 3, "sinusoid_tasks": 10,
 }  # fmt: skip
 NEWTON = NewtonCG(steps=8, cg_steps=20)  # a fit from scratch
 WARM = NewtonCG(steps=2, cg_steps=20)  # a fit from the previous hyper-step's solution
@@ -290,8 +292,10 @@ def run(options: Options) -> Report:
     ds = Omniglot(omniglot_root(options))  # fails here, before any work, without data
     errors, inner = accuracy(setting["problems"], setting["products"])
     decay = [weight_decay(ds, a, setting, options.device) for a in setting["alphabets"]]
-    # Part 3 (learned lam and learned step sizes on sinusoid) adds its table and figure here.
     out = Path(options.out)
+    learned, learned_info = learned_table(
+        out, setting["sinusoid_steps"], setting["sinusoid_tasks"], options.device
+    )
     figures = [
         _plot_accuracy(errors, out / "hypergradients_accuracy.png"),
         _plot_decay(decay[0], out / "hypergradients_weight_decay.png"),
@@ -301,8 +305,9 @@ def run(options: Options) -> Report:
         "setting": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()},
         "accuracy": {n: {str(k): v for k, v in e.items()} for n, e in errors.items()},
         "weight_decay": decay,
+        "learned": learned_info,
     }
-    tables = [_accuracy_table(errors, inner, setting), _decay_table(decay, setting)]
+    tables = [_accuracy_table(errors, inner, setting), _decay_table(decay, setting), learned]
     return Report("hypergradients", tables, figures, info)
 
 

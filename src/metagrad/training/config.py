@@ -118,6 +118,12 @@ class AlgoConfig:
     checkpoint_inner: bool = _f(
         False, "MAML: keep only each inner step's parameters, recompute its forward backwards"
     )
+    learn_lr: str | None = _f(
+        None,
+        "MAML, ANIL: learn the inner step sizes, per parameter entry (Meta-SGD) or per tensor "
+        "and step (MAML++)",
+        ("parameter", "layer-step"),
+    )
     lam: float = _f(2.0, "iMAML proximal regularisation strength")
     cg_steps: int = _f(5, "iMAML conjugate-gradient steps for the meta-gradient")
     cg_damping: float = _f(0.0, "iMAML: c in (1 + c) v + H v / (lam + d) = g (0: paper)")
