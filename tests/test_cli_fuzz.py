@@ -7,7 +7,7 @@ requested step whose config.json holds every flag's value, and no flag that the 
 inner solver or benchmark does not read; for ``eval`` the result file with the requested task count
 on an intact run. Most combinations fail at argument or config validation (fast); those that train
 are tiny (1 or 2 steps of sinusoid). ``METAGRAD_FUZZ_CASES`` and ``METAGRAD_FUZZ_SEED`` change the
-number of cases (default 240) and the seed (default 0; a failure names its case).
+number of cases (default 200) and the seed (default 0; a failure names its case).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from metagrad.experiments import EXPERIMENTS
 from metagrad.inner import INNER_SOLVERS
 from metagrad.training import PRESETS, SECTIONS, preset
 
-CASES = int(os.environ.get("METAGRAD_FUZZ_CASES", "240"))
+CASES = int(os.environ.get("METAGRAD_FUZZ_CASES", "200"))
 SEED = int(os.environ.get("METAGRAD_FUZZ_SEED", "0"))
 TINY = ["--no-progress", "--no-tensorboard", "--log-every", "1"]
 INTS = ["-2", "-1", "0", "1", "2", "3", "x", "1.5", ""]

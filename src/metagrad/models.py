@@ -81,9 +81,9 @@ class _PatchConv2d(nn.Conv2d):
     """``nn.Conv2d`` computed as one matrix product over the input's patches (im2col).
 
     For a first layer on few input channels the convolution kernel is slow on a CPU (a 9-long
-    inner dimension); the product over ``unfold``'s patches measured 1.1x to 1.3x faster with
-    second derivatives (Omniglot and Mini-ImageNet first layers), and its output comes out in the
-    channels-last layout the next layers prefer.
+    inner dimension); the product over ``unfold``'s patches is faster there with second
+    derivatives (Omniglot and Mini-ImageNet first layers; docs/PERFORMANCE.md), and its output
+    comes out in the channels-last layout the next layers prefer.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -108,7 +108,7 @@ class _PatchConv2d(nn.Conv2d):
 
 
 def _channels_last(x: Tensor) -> Tensor:
-    """``x`` in channels-last layout, where the CPU convolutions run about 1.3x faster."""
+    """``x`` in channels-last layout, where CPU convolutions run faster (docs/PERFORMANCE.md)."""
     try:
         return x.contiguous(memory_format=torch.channels_last)
     except RuntimeError:  # inside torch.func.vmap, which cannot query memory formats yet

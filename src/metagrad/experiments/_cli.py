@@ -30,6 +30,8 @@ class UsageError(Exception):
 
 
 def positive(kind: type) -> Callable[[str], object]:
+    """An argparse ``type``: the text as ``kind``, refused unless it is > 0 (nan included)."""
+
     def parse(text: str) -> object:
         try:
             value = kind(text)

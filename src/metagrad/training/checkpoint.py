@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,10 @@ def save_checkpoint(
     if path.is_file():  # keep the current one as the previous: link it, then rename the link
         link = path.with_name(f".{PREVIOUS}.tmp-{os.getpid()}")
         link.unlink(missing_ok=True)
-        os.link(path, link)
+        try:
+            os.link(path, link)
+        except OSError:  # a file system without hard links: a copy (briefly two full files)
+            shutil.copyfile(path, link)
         os.replace(link, path.with_name(PREVIOUS))
     save_atomic(state, path)
     return path
