@@ -42,6 +42,7 @@ from metagrad.training import (
     TrainingError,
     TrainResult,
     evaluate_run,
+    load_run,
     preset,
     resume,
     train,
@@ -250,6 +251,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         steps=args.eval_inner_steps,
         report=lambda ev: print(ev.summary(), flush=True),  # printed before it is written
     )
+    for line in load_run(args.run).learned():
+        print(line)
     print(f"written: {path}")
     return 0
 

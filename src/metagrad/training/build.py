@@ -91,7 +91,10 @@ def build_inner(config: Config, *, evaluation: bool = False) -> InnerSolver:
     a = config.algo
     steps = a.eval_inner_steps if evaluation and a.eval_inner_steps is not None else a.inner_steps
     entry = INNER_SOLVERS[a.inner]
-    return entry.build(steps=steps, **_fields(a, entry))
+    options = _fields(a, entry)
+    if evaluation and a.eval_inner_batch_size is not None and "batch_size" in options:
+        options["batch_size"] = a.eval_inner_batch_size
+    return entry.build(steps=steps, **options)
 
 
 def build_estimator(config: Config, model: nn.Module, *, evaluation: bool = False) -> Estimator:

@@ -112,6 +112,9 @@ class AlgoConfig:
     inner_batch_size: int | None = _f(
         None, "inner mini-batch size, where the solver takes one (default: the support set)"
     )
+    eval_inner_batch_size: int | None = _f(
+        None, "inner mini-batch size at test time (default: inner_batch_size)"
+    )
     truncate: int | None = _f(
         None, "MAML: differentiate through the last N inner steps only (0: FOMAML; default: all)"
     )
@@ -182,6 +185,10 @@ class AlgoConfig:
         _check(
             self.truncate is None or 0 <= self.truncate <= self.inner_steps,
             f"truncate must be in [0, inner_steps={self.inner_steps}], got {self.truncate}",
+        )
+        _check(
+            self.eval_inner_batch_size is None or self.eval_inner_batch_size >= 1,
+            f"eval_inner_batch_size must be a positive integer, got {self.eval_inner_batch_size}",
         )
         _check(
             self.inner_batch_size is None or self.inner_batch_size >= 1,

@@ -250,6 +250,31 @@ class Run:
     model: nn.Module
     estimator: Any  # an Estimator whose loss is a metagrad.Loss (predict, accuracy)
 
+    def learned(self) -> list[str]:
+        """One line per learned hyperparameter group (step sizes, lam, a prior's std), if any.
+
+        The groups are the meta-parameters that are not the model's (``log_lr/...``,
+        ``log_lam``, ``prior_logstd/...``), stored as logarithms and shown as their values.
+        """
+        model = set(dict(self.model.named_parameters()))
+        groups: dict[str, list[torch.Tensor]] = {}
+        for key, value in self.params.items():
+            if key not in model:
+                groups.setdefault(key.split("/")[0], []).append(value.detach().reshape(-1))
+        lines = []
+        for name, parts in groups.items():
+            values = torch.cat(parts).double().exp()
+            shown = name.removeprefix("log_").replace("logstd", "std")
+            if values.numel() == 1:
+                lines.append(f"learned {shown}: {float(values):.4g}")
+            else:
+                lines.append(
+                    f"learned {shown} ({values.numel()} values in {len(parts)} tensors): median "
+                    f"{float(values.median()):.4g}, range {float(values.min()):.4g} to "
+                    f"{float(values.max()):.4g}"
+                )
+        return lines
+
     def with_config(self, **changes: Any) -> Run:
         """The same parameters with config fields replaced (for evaluation: data path, steps)."""
         config = self.config.override(**changes)
