@@ -13,7 +13,7 @@ from data_fixtures import shared_root
 
 import metagrad as mg
 from metagrad import linalg
-from metagrad.experiments import EXPERIMENTS, Options, run_experiment
+from metagrad.experiments import EXPERIMENTS, Options, _learned, run_experiment
 from metagrad.experiments import hypergradients as hg
 
 
@@ -82,9 +82,11 @@ def test_options_that_do_not_apply_and_missing_data_are_refused(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_quick_run_writes_both_tables_and_figures(tmp_path):
+def test_quick_run_writes_the_tables_and_figures(tmp_path):
     report = run_experiment("hypergradients", Options(out=tmp_path, quick=True, data=shared_root()))
-    accuracy, decay = report.tables
+    accuracy, decay, learned = report.tables
+    assert [row[0] for row in learned.rows] == list(_learned.MODELS)
+    assert all(row[1] is not None for row in learned.rows), "every sinusoid cell finished"
     assert [row[0] for row in accuracy.rows] == list(hg.QUICK["products"])
     assert len(decay.rows) == 3 * len(hg.QUICK["alphabets"])
     grid, single, per = decay.rows

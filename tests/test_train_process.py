@@ -76,8 +76,17 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, run_metagrad):
 
 
 @pytest.mark.slow
-def test_sigkill_twice_then_resume_ends_bit_identical(tmp_path, run_metagrad):
+@pytest.mark.parametrize(
+    "learned",
+    [
+        pytest.param([], id="init"),
+        pytest.param(["--learn-lr", "parameter"], id="learned-lr"),  # Meta-SGD's step sizes
+        pytest.param(["--algorithm", "imaml", "--learn-lam", "module"], id="learned-lam"),
+    ],
+)
+def test_sigkill_twice_then_resume_ends_bit_identical(tmp_path, run_metagrad, learned):
     args = ["train", *FAST, "--steps", "200", "--log-every", "1", "--checkpoint-every", "7"]
+    args += learned
     reference = start(*args, "--out", str(tmp_path / "ref"))
     rng = random.Random()
     first, second = sorted(rng.sample(range(15, 185), 2))
@@ -97,6 +106,7 @@ def test_sigkill_twice_then_resume_ends_bit_identical(tmp_path, run_metagrad):
     assert reference.returncode == 0, err
     a, b = state(tmp_path / "ref"), state(run)
     assert a["step"] == b["step"] == 200
+    assert any(k.startswith("log_") for k in a["params"]) == bool(learned)  # learned entries kept
     for k in a["params"]:
         assert torch.equal(a["params"][k], b["params"][k]), f"{k} (killed at {first}, {second})"
     for i, s in a["optimizer"]["state"].items():

@@ -47,11 +47,11 @@ def cell_config(name: str, steps: int, tasks: int, device: str) -> Config:
 def learned_values(path: Path) -> str:
     """The learned hyperparameters of a run: step sizes (median, range) or lam."""
     meta = load_run(path).params
-    rates = [v.exp().reshape(-1) for k, v in meta.items() if k.startswith("log_lr/")]
+    rates = [v.detach().exp().reshape(-1) for k, v in meta.items() if k.startswith("log_lr/")]
     if rates:
         r = torch.cat(rates)
         return f"lr median {float(r.median()):.4f} ({float(r.min()):.4f}-{float(r.max()):.4f})"
-    lams = [float(v.exp()) for k, v in meta.items() if k.startswith("log_lam")]
+    lams = [float(v.detach().exp()) for k, v in meta.items() if k.startswith("log_lam")]
     return ", ".join(f"lam {lam:.3f}" for lam in lams) or "-"
 
 

@@ -90,7 +90,8 @@ PRESET_TABLE: dict[str, tuple[dict[str, Any], str]] = {
             "cg_steps": 5,
             "cg_damping": 20.0,
         },
-        "MAML sinusoid data and outer loop; no published setting: 5 inner GD steps of 0.01, "
+        f"{MAML} sinusoid data and outer loop; the proximal term of {IMAML} read as a prior; "
+        "no published setting: 5 inner GD steps of 0.01, "
         "prior std 0.03 learned per module, likelihood noise 0.1 (so the proximal strength "
         "1 / (w s^2) starts near iMAML's lam 2 at K = 10), 4 posterior samples, 5 CG steps "
         "damped by 20 (undamped and damped by 2 it did not train in 1,500-step trials; chosen "
