@@ -42,12 +42,34 @@ def test_planned_steps_come_from_the_flag_the_run_or_the_measured_step_time(tmp_
     assert ot.planned(config, tmp_path / "run", 1.0, 20).optim.steps == 20, "--steps continues"
 
 
+def test_a_new_cell_records_its_step_time_once_and_its_curve_comes_from_validation(
+    tmp_path, monkeypatch
+):
+    config = ot.cell_config("MAML", 5, 1)
+    monkeypatch.setattr(ot, "step_seconds", lambda c: 0.25)
+    ot.record_plan(config, tmp_path / "cell")
+    plan = json.loads(ot.plan_path(tmp_path / "cell").read_text())
+    assert plan["step_seconds"] == 0.25 and len(plan["load_average_before"]) == 3
+    monkeypatch.setattr(ot, "step_seconds", lambda c: pytest.fail("measured once"))
+    ot.record_plan(config, tmp_path / "cell")
+    ten = ot.planned(config, tmp_path / "cell", 1.0, None)
+    assert ten.optim.steps == 240 and ten.run.eval_every == 24, "the plan's time; 10 validations"
+    lines = [
+        {"step": 24, "query_loss": 1.0, "steps_per_s": 4.0},
+        {"step": 24, "val_loss": 0.9, "val_accuracy": 0.5},
+        {"step": 48, "val_loss": 0.5, "val_accuracy": 0.75},
+    ]
+    RunDir.create(tmp_path / "cell", ten, None).close()
+    (tmp_path / "cell" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    assert ot.curve(tmp_path / "cell") == [(24, 50.0), (48, 75.0)]
+
+
 @pytest.mark.parametrize(("ways", "shots"), ot.SETTINGS)
 def test_every_cell_has_a_config_and_leap_walks_maml_test_steps(ways, shots):
     for name in ot.ALGORITHMS:
         config = ot.cell_config(name, ways, shots)
         assert (config.data.ways, config.data.eval_shots or config.data.shots) == (ways, shots)
-        assert config.run.threads == 1 and config.run.eval_tasks == 600
+        assert config.run.threads == 0 and config.run.eval_tasks == 600, "every core"
     maml, leap = preset(f"omniglot-{ways}w{shots}s-maml"), ot.cell_config("Leap", ways, shots)
     assert leap.algo.algorithm == "leap"
     assert leap.algo.inner_steps == leap.algo.eval_inner_steps == maml.algo.eval_inner_steps

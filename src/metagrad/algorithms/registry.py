@@ -76,6 +76,7 @@ ALGORITHMS.register(
         "learn_prior_std": "learn_prior_std",
         "samples": "posterior_samples",
         "noise_std": "noise_std",
+        "nll_scale": "nll_scale",
         "cg_steps": "cg_steps",
         "cg_damping": "cg_damping",
     },

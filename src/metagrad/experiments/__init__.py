@@ -26,6 +26,7 @@ EXPERIMENTS: dict[str, str] = {
     "lake-runs": "metagrad.experiments.lake_runs",
     "complexity": "metagrad.experiments.complexity",
     "hypergradients": "metagrad.experiments.hypergradients",
+    "uncertainty": "metagrad.experiments.uncertainty",
 }
 """Experiment name -> the module that runs it."""
 

@@ -12,7 +12,12 @@ two timed tasks, scaled to the meta-batch), so that training takes about ``M`` m
 schedule (Reptile) then anneals over exactly that many steps. The steps and the measured training
 seconds of every cell are reported beside the accuracies. ``--steps N`` trains every cell ``N``
 outer steps instead; on a GPU with neither flag each preset keeps its paper's iteration count.
-Training runs on one CPU thread (on shared cores several times faster than two).
+Training uses every core torch is given: measure alone, one experiment at a time, since a cell's
+result depends only on its outer steps but its seconds depend on what else runs. Each new cell
+first measures its step time (:func:`step_seconds`) and saves it beside its folder
+(``ALGO-seedS.plan.json``) with the load average; the learning curves put validation accuracy
+(200 tasks, ten times per cell) against outer steps and against steps times that quiet step time,
+so other load cannot distort them.
 
 Every cell is an ordinary run folder ``OUT/cells/omniglot-table/{5w1s,...}/ALGO-seedS``: calling
 the experiment again completes the cells that had not finished and reuses the others; the table
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,7 @@ from metagrad.experiments._cells import (
     reject,
     run_cell,
     save_figure,
+    save_json,
 )
 from metagrad.experiments._report import Options, Report, Table
 from metagrad.tasks import to_device
@@ -95,8 +102,15 @@ PUBLISHED: dict[str, tuple[dict[tuple[int, int], float], str, bool]] = {
 }
 """Published test accuracy (%) -> (numbers by (ways, shots), source, sure). Leap reports none."""
 
-QUICK: dict[str, Any] = {"minutes": 0.02, "tasks": 5, "meta_batch": 4, "settings": ((5, 1),)}
-FULL: dict[str, Any] = {"minutes": 15.0, "tasks": 600}
+QUICK: dict[str, Any] = {
+    "minutes": 0.02, "tasks": 5, "val_tasks": 3, "meta_batch": 4, "settings": ((5, 1),)
+}  # fmt: skip
+FULL: dict[str, Any] = {"minutes": 15.0, "tasks": 600, "val_tasks": 200}
+PLAN = ".plan.json"
+"""Suffix of a cell's plan, ``ALGO-seedS.plan.json`` beside its run folder: its measured step time
+and the load average around it, saved before it trains."""
+CURVE_POINTS = 10
+"""Validations per cell: the points of its learning curve."""
 
 
 def cell_config(name: str, ways: int, shots: int, seed: int = 0, device: str = "cpu") -> Config:
@@ -112,9 +126,8 @@ def cell_config(name: str, ways: int, shots: int, seed: int = 0, device: str = "
         config = dataclasses.replace(config, preset=f"omniglot-{ways}w{shots}s-maml, as Leap")
     else:
         config = preset(f"omniglot-{ways}w{shots}s-{ALGORITHMS[name]}")
-    threads = {"threads": 1} if device == "cpu" else {}
     return config.override(
-        seed=seed, device=device, eval_every=0, tensorboard=False, eval_tasks=600, **threads
+        seed=seed, device=device, eval_every=0, tensorboard=False, eval_tasks=600
     )
 
 
@@ -153,11 +166,47 @@ def planned(config: Config, path: Path, minutes: float | None, steps: int | None
     if steps is None and (path / CONFIG).is_file():
         steps = RunDir(path).config().optim.steps
     if steps is None and minutes is not None:
-        steps = max(1, int(60 * minutes / step_seconds(config)))
+        plan = load_json(plan_path(path))
+        seconds = plan["step_seconds"] if plan else step_seconds(config)
+        steps = max(1, int(60 * minutes / seconds))
     steps = steps or config.optim.steps
     return config.override(
-        steps=steps, log_every=max(1, min(100, steps // 50)), checkpoint_every=max(1, steps // 5)
+        steps=steps,
+        log_every=max(1, min(100, steps // 50)),
+        checkpoint_every=max(1, steps // 5),
+        eval_every=max(1, steps // CURVE_POINTS),
     )
+
+
+def plan_path(path: Path) -> Path:
+    """Where the plan of the cell in ``path`` is kept (beside it: the run folder starts empty)."""
+    return path.with_name(path.name + PLAN)
+
+
+def record_plan(config: Config, path: Path) -> None:
+    """Measure a new cell's step time once and save it with the load average (``plan.json``)."""
+    if (path / CONFIG).is_file() or plan_path(path).is_file():
+        return
+    load = os.getloadavg()
+    seconds = step_seconds(config)
+    save_json(
+        plan_path(path),
+        {
+            "step_seconds": seconds,
+            "threads": torch.get_num_threads()
+            if config.run.threads is None
+            else config.run.threads,
+            "load_average_before": list(load),
+            "load_average_after": list(os.getloadavg()),
+        },
+    )
+
+
+def curve(path: Path) -> list[tuple[int, float]]:
+    """``(outer step, validation accuracy %)`` of the run in ``path``, in order."""
+    return [
+        (m["step"], 100 * m["val_accuracy"]) for m in RunDir(path).metrics() if "val_accuracy" in m
+    ]
 
 
 def train_seconds(path: Path) -> float:
@@ -175,12 +224,16 @@ def cell_result(path: Path) -> dict[str, Any] | None:
     ev = load_json(path / "eval_test.json")
     if ev is None:
         return None
+    plan = load_json(plan_path(path)) or {}
     return {
         "accuracy": 100 * ev["accuracy"],
         "ci": 100 * ev["accuracy_ci"],
         "tasks": ev["tasks"],
         "steps": RunDir(path).config().optim.steps,
         "train_seconds": round(train_seconds(path), 1),
+        "step_seconds": plan.get("step_seconds"),
+        "load_average": plan.get("load_average_before"),
+        "curve": curve(path),
     }
 
 
@@ -232,7 +285,10 @@ def report(options: Options, results: dict[str, dict[str, list]], info: dict[str
             )
         acc.rows.append(row)
         cost.rows.append(costs)
-    figures = [_plot(results, Path(options.out) / "omniglot_table.png")] if results else []
+    figures = []
+    if results:
+        figures.append(_plot(results, Path(options.out) / "omniglot_table.png"))
+        figures.append(_curves(results, Path(options.out) / "omniglot_curves.png"))
     return Report("omniglot-table", [acc, cost], figures, {**info, "results": results})
 
 
@@ -276,6 +332,8 @@ def run(options: Options) -> Report:
                 if options.quick:
                     changes["meta_batch"] = min(config.optim.meta_batch, QUICK["meta_batch"])
                 config = data_root(config.override(**changes))
+                config = config.override(val_tasks=budget["val_tasks"])
+                record_plan(config, path)
                 config = planned(config, path, minutes, options.steps)
                 try:
                     done = run_cell(config, path)
@@ -313,4 +371,32 @@ def _plot(results: dict[str, dict[str, list]], path: Path) -> Path:
         ax.set(ylim=(0, 100), title=f"{w}-way {s}-shot (black: paper)")
         if i == 0:
             ax.set_ylabel("test accuracy (%)")
+    return save_figure(fig, path)
+
+
+def _curves(results: dict[str, dict[str, list]], path: Path) -> Path:
+    """Validation accuracy against outer steps and against training seconds, one row per
+    setting with results; seconds are steps times the cell's quiet step time (``plan.json``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    settings = [(w, s) for w, s in SETTINGS if results.get(_key(w, s))]
+    fig = Figure(figsize=(10, 3.2 * len(settings)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (w, s) in enumerate(settings):
+        by_steps = fig.add_subplot(len(settings), 2, 2 * i + 1)
+        by_time = fig.add_subplot(len(settings), 2, 2 * i + 2, sharey=by_steps)
+        for j, name in enumerate(ALGORITHMS):
+            for r in results[_key(w, s)].get(name, []):
+                if not r.get("curve"):
+                    continue
+                steps, acc = zip(*r["curve"], strict=True)
+                by_steps.plot(steps, acc, "o-", color=f"C{j}", ms=3, label=name)
+                if r.get("step_seconds"):
+                    minutes = [k * r["step_seconds"] / 60 for k in steps]
+                    by_time.plot(minutes, acc, "o-", color=f"C{j}", ms=3, label=name)
+        by_steps.set(xlabel="outer steps", ylabel="validation accuracy (%)")
+        by_steps.set_title(f"{w}-way {s}-shot", fontsize="medium")
+        by_time.set(xlabel="training minutes (steps x quiet step time)")
+        by_steps.legend(fontsize="small")
     return save_figure(fig, path)

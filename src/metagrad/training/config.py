@@ -142,6 +142,11 @@ class AlgoConfig:
     )
     posterior_samples: int = _f(8, "probabilistic-imaml: posterior samples per expected loss")
     noise_std: float = _f(1.0, "probabilistic-imaml: the Gaussian likelihood's noise (regression)")
+    nll_scale: float | None = _f(
+        None,
+        "probabilistic-imaml: the likelihood's weight (default: n / (2 noise^2) for a mean "
+        "squared error over n examples, n for cross-entropy); larger tempers the posterior",
+    )
     head: tuple[str, ...] = _f(
         ("head.",), "ANIL: prefixes of the parameters adapted in the inner loop"
     )
