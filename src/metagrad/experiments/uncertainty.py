@@ -257,7 +257,11 @@ def band_figure(runs: dict[str, Run], path: Path) -> Path:
                 ax.set_title(f"{name} (±2 std)", fontsize=9)
             ax.set_ylim(-6, 6)
     axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Predictive bands from 5 support points (red) of three test curves", fontsize=10)
+    fig.suptitle(
+        "Predictive bands from 5 support points (red) of three test curves; MAML and iMAML with "
+        "the noise fitted on validation, probabilistic iMAML with its own",
+        fontsize=9,
+    )
     fig.tight_layout()
     out = save_figure(fig, path)
     plt.close(fig)
@@ -268,7 +272,8 @@ _NOISE: dict[str, float] = {}
 
 
 def sinusoid_noise(run: Run) -> float:
-    """The noise each model is plotted with: the one fitted on validation at K = 5."""
+    """The noise each model is plotted with: a point estimate's fitted on validation at K = 5, a
+    posterior's own (its spread is its own too)."""
     return _NOISE.get(str(run.path), float(getattr(run.estimator, "noise_std", 0.0)))
 
 
@@ -364,7 +369,8 @@ def run(options: Options) -> Report:
         runs[name] = load_run(path, options.device)
         with torch_settings(config):
             sin_results[name] = sinusoid_cell(runs[name], tasks, val_tasks)
-        _NOISE[str(runs[name].path)] = sin_results[name]["K5"]["fitted"]["noise"]
+        if "own" not in sin_results[name]["K5"]:  # a point estimate: the noise fitted at K = 5
+            _NOISE[str(runs[name].path)] = sin_results[name]["K5"]["fitted"]["noise"]
     tables = [sinusoid_table(sin_results, steps, tasks)]
     figures = []
     if runs:
