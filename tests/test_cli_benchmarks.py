@@ -221,6 +221,10 @@ def test_mini_imagenet_presets_train(tmp_path_factory, tmp_path, name):
     config = PRESETS[name].config.override(
         root=str(root), ways=3, inner_steps=1, eval_inner_steps=1, tensorboard=False, **short
     )
+    test_support = 3 * (config.data.eval_shots or config.data.shots)
+    if config.algo.eval_inner_batch_size:  # the paper's 5 is 5-way 1-shot's whole support set
+        size = min(config.algo.eval_inner_batch_size, test_support)
+        config = config.override(eval_inner_batch_size=size)
     result = train(config, tmp_path / "run", progress=False)
     assert result.step == 2 and 0 <= result.evaluation.accuracy <= 1
     assert all(v.isfinite().all() for v in result.params.values())
