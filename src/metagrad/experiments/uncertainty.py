@@ -52,7 +52,7 @@ from metagrad.experiments._cells import (
     save_figure,
 )
 from metagrad.experiments._report import Options, Report, Table
-from metagrad.tasks import count, select, task_at
+from metagrad.tasks import count, select, stack, task_at
 from metagrad.training import (
     Config,
     Run,
@@ -65,6 +65,7 @@ from metagrad.training import (
     torch_settings,
 )
 from metagrad.training import calibration as cal
+from metagrad.training.evaluate import fixed_tasks
 
 DESCRIPTION = (
     "Probabilistic iMAML: sinusoid predictive NLL, MSE and interval coverage at K = 5/10 against "
@@ -224,8 +225,9 @@ def sinusoid_table(results: dict[str, dict[str, Any]], steps: int, tasks: int) -
     return table
 
 
-def band_figure(runs: dict[str, Run], path: Path) -> Path:
-    """Predictive mean ± 2 std from 5 points of :data:`PLOT_CURVES` test curves, per model."""
+def band_figure(runs: dict[str, Run], noises: dict[str, float], path: Path) -> Path:
+    """Predictive mean ± 2 std from 5 points of :data:`PLOT_CURVES` test curves, per model, with
+    the likelihood noise ``noises[name]`` added to its spread."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,11 +241,11 @@ def band_figure(runs: dict[str, Run], path: Path) -> Path:
     for j, name in enumerate(names):
         run = runs[name]
         tasks = _tasks(run, 5, "test", PLOT_CURVES)
-        noise = sinusoid_noise(run)
+        noise = noises[name]
         for i in range(PLOT_CURVES):
             task = task_at(tasks, i)
             dense = Task(task.support, type(task.query)(grid, _truth(task, grid)))
-            mean, spread, y = predictions(run, _stack(dense))
+            mean, spread, y = predictions(run, stack([dense]))
             sd = (spread + noise**2).sqrt()[0]
             ax = axes[i][j]
             x = grid.reshape(-1).numpy()
@@ -268,15 +270,6 @@ def band_figure(runs: dict[str, Run], path: Path) -> Path:
     return out
 
 
-_NOISE: dict[str, float] = {}
-
-
-def sinusoid_noise(run: Run) -> float:
-    """The noise each model is plotted with: a point estimate's fitted on validation at K = 5, a
-    posterior's own (its spread is its own too)."""
-    return _NOISE.get(str(run.path), float(getattr(run.estimator, "noise_std", 0.0)))
-
-
 def _truth(task: Task, x: torch.Tensor) -> torch.Tensor:
     """The true curve through a task's query points, at ``x`` (amplitude and phase fitted)."""
     qx, qy = task.query.x.reshape(-1).double(), task.query.y.reshape(-1).double()
@@ -285,13 +278,6 @@ def _truth(task: Task, x: torch.Tensor) -> torch.Tensor:
     xs = x.reshape(-1).double()
     curve = coef[0] * torch.sin(xs) + coef[1] * torch.cos(xs)
     return curve.reshape(x.shape).to(task.query.y.dtype)
-
-
-def _stack(task: Task) -> Task:
-    return type(task)(
-        type(task.support)(task.support.x[None], task.support.y[None]),
-        type(task.query)(task.query.x[None], task.query.y[None]),
-    )
 
 
 # -- Omniglot ----------------------------------------------------------------------------------
@@ -310,19 +296,14 @@ def omniglot_cell(run: Run, tasks: int) -> dict[str, Any]:
 
 def point_ece(run: Run, source: Any, tasks: int) -> tuple[float, float]:
     """ECE of a point estimate's softmax on the same test tasks that :func:`evaluate` scores."""
-    from metagrad.training.evaluate import CHUNK, eval_seed
-
+    chosen = fixed_tasks(source, "test", tasks, run.config.run.eval_seed)
     values = []
-    for chunk in range(math.ceil(tasks / CHUNK)):
-        g = torch.Generator().manual_seed(eval_seed(run.config.run.eval_seed, "test", chunk))
-        keep = min(CHUNK, tasks - chunk * CHUNK)
-        batch = select(source.sample("test", CHUNK, g), slice(0, keep))
-        for i in range(keep):
-            task = task_at(batch, i)
-            phi = run.estimator.adapt(run.params, task.support)
-            with torch.no_grad():
-                probs = run.estimator.loss.predict(phi, task.query.x).softmax(-1)
-                values.append(float(cal.expected_calibration_error(probs, task.query.y)))
+    for i in range(count(chosen)):
+        task = task_at(chosen, i)
+        phi = run.estimator.adapt(run.params, task.support)
+        with torch.no_grad():
+            probs = run.estimator.loss.predict(phi, task.query.x).softmax(-1)
+            values.append(float(cal.expected_calibration_error(probs, task.query.y)))
     return mean_ci(values)
 
 
@@ -369,13 +350,16 @@ def run(options: Options) -> Report:
         runs[name] = load_run(path, options.device)
         with torch_settings(config):
             sin_results[name] = sinusoid_cell(runs[name], tasks, val_tasks)
-        if "own" not in sin_results[name]["K5"]:  # a point estimate: the noise fitted at K = 5
-            _NOISE[str(runs[name].path)] = sin_results[name]["K5"]["fitted"]["noise"]
     tables = [sinusoid_table(sin_results, steps, tasks)]
     figures = []
     if runs:
+        # a point estimate is drawn with the noise fitted at K = 5, a posterior with its own
+        noises = {
+            n: sin_results[n]["K5"].get("own", sin_results[n]["K5"]["fitted"])["noise"]
+            for n in runs
+        }
         with torch_settings(next(iter(runs.values())).config):
-            figures.append(band_figure(runs, Path(options.out) / "uncertainty_bands.png"))
+            figures.append(band_figure(runs, noises, Path(options.out) / "uncertainty_bands.png"))
 
     om_results: dict[str, dict[str, Any]] = {}
     note = ""

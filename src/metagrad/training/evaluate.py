@@ -199,16 +199,24 @@ def evaluate(
     A source with fixed tasks (``source.fixed(split)``, e.g. Leap's alphabets) gives those.
     """
     device = next(iter(theta.values())).device
+    chosen = fixed_tasks(source, split, tasks, seed, device)
+    return evaluate_tasks(estimator, theta, chosen, split, mode, reducer)
+
+
+def fixed_tasks(
+    source: TaskSource, split: str, tasks: int, seed: int, device: torch.device | str = "cpu"
+) -> Task:
+    """The ``tasks`` fixed evaluation tasks of ``split`` that :func:`evaluate` scores: the
+    source's own fixed tasks if it has them, else seeded chunks of :data:`CHUNK` tasks."""
     fixed = source.fixed(split)
     if fixed is not None:
-        batches = [fixed]
-    else:
-        batches = []
-        for chunk in range(math.ceil(tasks / CHUNK)):
-            g = torch.Generator().manual_seed(eval_seed(seed, split, chunk))
-            keep = min(CHUNK, tasks - chunk * CHUNK)
-            batches.append(select(source.sample(split, CHUNK, g), slice(0, keep)))
-    return evaluate_tasks(estimator, theta, join(batches, device), split, mode, reducer)
+        return join([fixed], device)
+    batches = []
+    for chunk in range(math.ceil(tasks / CHUNK)):
+        g = torch.Generator().manual_seed(eval_seed(seed, split, chunk))
+        keep = min(CHUNK, tasks - chunk * CHUNK)
+        batches.append(select(source.sample(split, CHUNK, g), slice(0, keep)))
+    return join(batches, device)
 
 
 def evaluate_run(

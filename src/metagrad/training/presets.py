@@ -134,6 +134,21 @@ PRESET_TABLE: dict[str, tuple[dict[str, Any], str]] = {
     ),
 }
 
+REPTILE_PAPER: dict[str, Any] = dict(
+    algorithm="reptile",
+    queries=1,
+    inner="adam",
+    inner_betas=(0.0, 0.999),
+    eval_inner_steps=50,
+    optimizer="sgd",
+    outer_lr=1.0,
+    schedule="linear",
+    meta_batch=5,
+)
+"""What the Reptile paper's few-shot settings share (App. A, Table 3, and its released commands):
+an Adam inner loop with beta1 0, 50 test-time steps, 1 query per class, meta step 1.0 annealed
+linearly to 0 by SGD, meta-batch 5; each benchmark adds its shots, step sizes and batch sizes."""
+
 OMNIGLOT: dict[str, Any] = dict(
     arch="conv4",
     benchmark="omniglot",
@@ -183,21 +198,13 @@ def _omniglot(ways: int, shots: int, algo: str) -> tuple[dict[str, Any], str]:
         return (
             {
                 **base,
-                "algorithm": "reptile",
+                **REPTILE_PAPER,
                 "shots": 10,
-                "queries": 1,
                 "eval_shots": shots,
-                "inner": "adam",
                 "inner_lr": 1e-3 if five else 5e-4,
-                "inner_betas": (0.0, 0.999),
                 "inner_batch_size": 10 if five else 20,
                 "eval_inner_batch_size": 5 if five else 10,
                 "inner_steps": 5 if five else 10,
-                "eval_inner_steps": 50,
-                "optimizer": "sgd",
-                "outer_lr": 1.0,
-                "schedule": "linear",
-                "meta_batch": 5,
                 "steps": 100_000 if five else 200_000,
             },
             f"{REPTILE}, App. A Table 3 and the released commands: Adam inner loop (beta1 0, lr "
@@ -365,21 +372,13 @@ def _mini_imagenet(shots: int, algo: str) -> tuple[dict[str, Any], str]:
         return (
             {
                 **base,
-                "algorithm": "reptile",
+                **REPTILE_PAPER,
                 "shots": 15,
-                "queries": 1,
                 "eval_shots": shots,
-                "inner": "adam",
                 "inner_lr": 1e-3,
-                "inner_betas": (0.0, 0.999),
                 "inner_batch_size": 10,
                 "eval_inner_batch_size": 5 if shots == 1 else 15,
                 "inner_steps": 8,
-                "eval_inner_steps": 50,
-                "optimizer": "sgd",
-                "outer_lr": 1.0,
-                "schedule": "linear",
-                "meta_batch": 5,
                 "steps": 100_000,
             },
             f"{REPTILE}, App. A Table 3 and the released transductive mini-ImageNet commands: "
