@@ -71,6 +71,22 @@ def test_a_cell_of_other_settings_is_not_reused(tmp_path):
         run_cell(cell_config("MAML", 3, 0, "cpu", 5), path)
 
 
+def test_a_cell_whose_data_folder_moved_is_reused_then_resumed(tmp_path):
+    from metagrad.experiments._cells import run_cell
+    from metagrad.experiments.sinusoid import cell_config
+    from metagrad.training.run import RunDir
+
+    path, moved = tmp_path / "cell", str(tmp_path / "moved")
+    config = cell_config("FOMAML", 2, 0, "cpu", 5)
+    assert run_cell(config, path)
+    before = (path / "metrics.jsonl").read_text()
+    assert run_cell(config.override(root=moved), path), "finished: reused where it lies"
+    assert (path / "metrics.jsonl").read_text() == before, "reused, not trained again"
+    assert run_cell(config.override(root=moved, steps=3), path), "longer: resumed"
+    assert (path / "metrics.jsonl").read_text() != before
+    assert RunDir(path).config().optim.steps == 3
+
+
 def test_closed_form_meta_gradient_matches_autograd_through_the_solve():
     """g* = (I + H/lam)^{-1} grad L_q(phi*), against autograd through phi*'s linear solve."""
     tasks, theta = acc.make_tasks(2, torch.Generator().manual_seed(1))

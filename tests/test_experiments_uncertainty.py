@@ -64,6 +64,22 @@ def test_scores_are_the_hand_computed_ones():
     )
 
 
+def test_pooled_ece_is_the_hand_computed_one_over_all_tasks():
+    # two tasks of two predictions; confidences 0.9, 0.6 (task 0) and 0.9, 0.7 (task 1)
+    probs = [
+        torch.tensor([[0.9, 0.1], [0.4, 0.6]], dtype=torch.float64),
+        torch.tensor([[0.1, 0.9], [0.7, 0.3]], dtype=torch.float64),
+    ]
+    labels = [torch.tensor([0, 0]), torch.tensor([1, 1])]
+    # bins of width 1/15: 0.9 -> bin 13 (both right), 0.6 -> bin 9 (wrong), 0.7 -> bin 10 (wrong)
+    hand = 0.5 * abs(1.0 - 0.9) + 0.25 * abs(0.0 - 0.6) + 0.25 * abs(0.0 - 0.7)
+    value, half_width = un.pooled_ece(probs, labels, resamples=50)
+    assert value == pytest.approx(hand, abs=1e-12)
+    assert half_width > 0  # the tasks differ, so resampling them moves the ECE
+    same, zero = un.pooled_ece([probs[0]] * 4, [labels[0]] * 4, resamples=50)
+    assert zero == 0.0 and same == pytest.approx(0.5 * 0.1 + 0.5 * 0.6, abs=1e-12)
+
+
 def test_the_true_curve_is_recovered_from_the_query_points():
     tasks = mg.data.Sinusoid(shots=5, queries=12).sample(3, torch.Generator().manual_seed(4))
     for i in range(3):

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from metagrad.experiments._report import Options
-from metagrad.training import RESUMABLE, Config, TrainingError, resume, train
+from metagrad.training import Config, TrainingError, resume, train
+from metagrad.training.checkpoint import UNCHECKED
 from metagrad.training.run import CONFIG, RunDir
 
 __all__ = [
@@ -87,20 +88,21 @@ def run_cell(config: Config, path: str | Path, deadline: Deadline | None = None)
     """Train ``config`` in ``path``, resume it there, or reuse it; True once it has finished.
 
     A folder that holds a run of other settings raises ``ValueError``, unless only settings that
-    may change on resume differ (a longer ``steps`` continues the run). Nothing new starts once
-    ``deadline`` has expired. A Ctrl-C stops the cell at a checkpoint and raises
-    ``KeyboardInterrupt``: the next call resumes it.
+    may change on resume differ (a longer ``steps`` continues the run) or the data folder (a
+    finished cell is reused wherever its data now lies; an unfinished one resumes from there).
+    Nothing new starts once ``deadline`` has expired. A Ctrl-C stops the cell at a checkpoint and
+    raises ``KeyboardInterrupt``: the next call resumes it.
     """
     path = Path(path)
     if (path / CONFIG).is_file():
         changes = _changed(RunDir(path).config(), config)
-        fixed = sorted(set(changes) - set(RESUMABLE))
+        fixed = sorted(set(changes) - set(UNCHECKED))
         if fixed:
             raise ValueError(
                 f"{path} holds a run with other settings ({', '.join(fixed)}): remove it, or "
                 "choose another --out"
             )
-        if not changes and finished(path):
+        if set(changes) <= {"root"} and finished(path):  # the data may have moved since
             return True
         if deadline is not None and deadline.expired:
             return False

@@ -112,10 +112,11 @@ PLAN = ".plan.json"
 and the load average around it, saved before it trains."""
 CURVE_POINTS = 10
 """Validations per cell: the points of its learning curve."""
-VMAP = ("MAML", "FOMAML", "ANIL")
+VMAP = ("MAML", "FOMAML", "ANIL", "iMAML-GD")
 """Cells trained with ``mode="vmap"`` on a CPU: the same meta-gradient as the thread loop (the
-tests hold the two to 1e-10), measured faster on these small tasks (MAML 5-way 1-shot, 2 threads,
-quiet: 3.0 outer steps a second against 2.2)."""
+tests hold the two to 1e-10), measured faster on these small tasks (5-way 1-shot, 2 threads,
+quiet: MAML 3.0 outer steps a second against 2.2, iMAML-GD 0.4 against 0.3; docs/PERFORMANCE.md
+section 9)."""
 
 
 def cell_config(name: str, ways: int, shots: int, seed: int = 0, device: str = "cpu") -> Config:

@@ -40,6 +40,7 @@ from metagrad.training.checkpoint import (
     CHECKPOINT,
     PREVIOUS,
     RESUMABLE,
+    UNCHECKED,
     CorruptCheckpointError,
     check_identity,
     identity,
@@ -155,7 +156,8 @@ def resume(
     previous: bool = False,
     **changes: Any,
 ) -> TrainResult:
-    """Continue the run in ``out`` from its last checkpoint; ``changes``: only :data:`RESUMABLE`.
+    """Continue the run in ``out`` from its last checkpoint; ``changes``: only :data:`RESUMABLE`
+    and the data folder ``root`` (data that moved).
 
     With deterministic kernels the result is bit-identical to a run that never stopped. The
     checkpoint must belong to ``config.json`` (``ValueError`` naming the differing setting, and
@@ -164,11 +166,11 @@ def resume(
     """
     reducer = reducer or Local()
     run, config = RunDir.open(out, is_main=reducer.is_main)
-    fixed = sorted(k for k, v in changes.items() if k not in RESUMABLE and v != _get(config, k))
+    fixed = sorted(k for k, v in changes.items() if k not in UNCHECKED and v != _get(config, k))
     if fixed:
         raise ValueError(
             f"{', '.join(fixed)} cannot change when resuming (it would change the run's results; "
-            f"only {', '.join(RESUMABLE)} can): start a new run with --out"
+            f"only {', '.join(RESUMABLE)} and the data folder can): start a new run with --out"
         )
     if changes:
         config = config.override(**changes)

@@ -164,7 +164,9 @@ OMNIGLOT: dict[str, Any] = dict(
 IMAML_INNER_LR = 0.1
 """iMAML's inner GD step on Omniglot: the released code's 5-way 1-shot command (16 steps of 0.1,
 lam 2). MAML's single step of 0.4, taken 16 times, kept 5-way 1-shot at chance (query loss 4.4
-over 40 outer steps; 0.1: 1.47 -> 1.25 over 60)."""
+over 40 outer steps on meta-batches of 8; 0.1: 1.25 after 300). With the released code's CG
+damping as well (``IMAML_DAMPING``): query loss 1.04 and test accuracy 65% after 150 steps,
+against 1.29 and about 51% undamped."""
 
 
 def _omniglot(ways: int, shots: int, algo: str) -> tuple[dict[str, Any], str]:
@@ -258,9 +260,11 @@ def _omniglot(ways: int, shots: int, algo: str) -> tuple[dict[str, Any], str]:
             "eval_inner_steps": None,
             "lam": 2.0,
             "cg_steps": 5,
+            "cg_damping": 1.0,
+            "lam_damping": 10.0,
             "meta_batch": maml["meta_batch"],
         },
-        f"{IMAML}, Sec. 5 and App.: 5 CG steps, "
+        f"{IMAML}, Sec. 5 and App.: 5 CG steps damped as the released code ({IMAML_DAMPING}), "
         + ("3 Newton-CG inner steps (assumed)" if hf else "16 inner GD steps")
         + f", lam 2.0 and inner lr {IMAML_INNER_LR} (the released code's 5-way 1-shot command; "
         f"per-setting values uncertain), meta-batch {maml['meta_batch']} as MAML (assumed), "
