@@ -61,8 +61,12 @@ def test_imaml_damping_reaches_the_estimator():
     config = preset("sinusoid-imaml-gd").override(cg_damping=1.0, lam_damping=10.0)
     est = build_estimator(config, build_model(config))
     assert (est.lam, est.cg_damping, est.lam_damping) == (config.algo.lam, 1.0, 10.0)
-    paper = build_estimator(preset("omniglot-5w1s-imaml-gd"), build_model(preset("quickstart")))
-    assert (paper.cg_damping, paper.lam_damping) == (0.0, 0.0)
+    omniglot = preset("omniglot-5w1s-imaml-gd")  # damped as the released iMAML code
+    released = build_estimator(omniglot, build_model(omniglot))
+    assert (released.cg_damping, released.lam_damping) == (1.0, 10.0)
+    paper = omniglot.override(cg_damping=0.0, lam_damping=0.0)  # the paper's undamped system
+    undamped = build_estimator(paper, build_model(paper))
+    assert (undamped.cg_damping, undamped.lam_damping) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
