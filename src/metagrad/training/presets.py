@@ -52,9 +52,9 @@ SINUSOID_SOURCE = (
     "70,000 iterations from the authors' code; 10 test-time steps as in Fig. 3"
 )
 
-IMAML_SINUSOID: dict[str, Any] = dict(
-    algorithm="imaml", lam=2.0, cg_steps=5, cg_damping=1.0, lam_damping=10.0
-)
+IMAML_RELEASED: dict[str, Any] = dict(lam=2.0, cg_steps=5, cg_damping=1.0, lam_damping=10.0)
+"""iMAML's released code: lam 2, 5 CG steps, the CG system damped (``IMAML_DAMPING``)."""
+IMAML_SINUSOID: dict[str, Any] = dict(algorithm="imaml", **IMAML_RELEASED)
 IMAML_DAMPING = "cg_damping 1, lam_damping 10: (2 v + H v / 12) = grad L_q"
 
 PRESET_TABLE: dict[str, tuple[dict[str, Any], str]] = {
@@ -258,10 +258,7 @@ def _omniglot(ways: int, shots: int, algo: str) -> tuple[dict[str, Any], str]:
             **inner,
             "inner_lr": IMAML_INNER_LR,
             "eval_inner_steps": None,
-            "lam": 2.0,
-            "cg_steps": 5,
-            "cg_damping": 1.0,
-            "lam_damping": 10.0,
+            **IMAML_RELEASED,
             "meta_batch": maml["meta_batch"],
         },
         f"{IMAML}, Sec. 5 and App.: 5 CG steps damped as the released code ({IMAML_DAMPING}), "
