@@ -27,7 +27,22 @@ when named; ``--memory`` gives their peak memory (on ``--device cuda``, the allo
     python benchmarks/bench_meta.py --configs 5w1s-b32-s5 --impls maml,maml-serial --no-check
 
 An estimator name with ``-serial`` appended runs with ``workers=1`` (its tasks one after another
-on torch's intra-op threads) instead of metagrad's default (tasks spread over worker threads).
+on torch's intra-op threads) instead of metagrad's default (tasks spread over worker threads);
+with ``-vmap`` appended, with ``mode="vmap"`` (all tasks of the meta-batch batched into one call
+of each kernel: for a convolution with per-task weights, one grouped convolution).
+
+``--configs trained`` runs the shapes the MAML protocol trains on (the ``omniglot-*-maml``
+presets: K query images per class, inner lr 0.4 at 5-way and 0.1 at 20-way), from 10 images a
+task at 5-way 1-shot, where per-task overhead dominates, to 200 at 20-way 5-shot. ``--curve``
+takes a training run's metrics log (``metrics.jsonl``) and ``--target`` a validation accuracy: the
+first validated step at or above it, times each implementation's median seconds per
+meta-iteration, gives its time to that accuracy (every implementation computes the same
+meta-gradient, which ``--check`` verifies, so each takes the same outer steps; data loading and
+validation are not counted).
+
+    python benchmarks/bench_meta.py --configs 5w1s-b32-s1-q1 \
+        --impls maml,maml-vmap,maml-serial,plain,higher,torchopt --reps 20 \
+        --curve docs/results/omniglot-table/cells/omniglot-table/5w1s/MAML-seed0/metrics.jsonl
 
 ``--check`` (on by default) recomputes the MAML meta-gradient of every implementation in float64
 on the same weights and 2 tasks of each config and requires a relative difference below 1e-6
@@ -96,18 +111,28 @@ CONFIGS = {
     "mini-5w5s-b2-s5": Config(5, 5, 2, 5, arch="conv4-mini", **MINI),
     "mini-resnet12-5w1s-b4-s5": Config(5, 1, 4, 5, arch="resnet12", **MINI),
     "mini-resnet12-5w5s-b2-s5": Config(5, 5, 2, 5, arch="resnet12", **MINI),
+    # what the MAML protocol trains on: K query images per class (10 to 200 images a task)
+    "5w1s-b32-s1-q1": Config(5, 1, 32, 1, queries=1),
+    "5w5s-b32-s1-q5": Config(5, 5, 32, 1, queries=5),
+    "20w1s-b16-s5-q1": Config(20, 1, 16, 5, queries=1, lr=0.1),
+    "20w5s-b16-s5-q5": Config(20, 5, 16, 5, queries=5, lr=0.1),
     "quick": Config(3, 1, 2, 1, queries=2),
     "quick-mini": Config(2, 1, 2, 1, queries=1, arch="conv4-mini", **MINI),
     "quick-resnet12": Config(2, 1, 2, 1, 1, arch="resnet12", **MINI, widths=(4, 8, 8, 16)),
 }
 OMNIGLOT_CONFIGS = ["5w1s-b32-s1", "5w1s-b32-s5", "20w1s-b16-s5", "20w5s-b16-s5"]
 """What runs by default: issue 6's workload."""
+TRAINED_CONFIGS = ["5w1s-b32-s1-q1", "5w5s-b32-s1-q5", "20w1s-b16-s5-q1", "20w5s-b16-s5-q5"]
+"""The shapes of the ``omniglot-*-maml`` presets (``--configs trained``)."""
+VARIANTS = ("-serial", "-vmap")
+"""Suffixes of an estimator's name: ``workers=1``, or ``mode="vmap"`` (the tasks batched)."""
 ESTIMATORS = ["maml", "fomaml", "anil", "reptile", "leap", "imaml-gd", "imaml-hf", "user-maml"]
 LIBRARIES = ["plain", "higher", "torchopt"]
 IMPLS = ESTIMATORS + LIBRARIES + ["plain-mg-conv4"]
 SECOND_ORDER = [
     "maml",
     "maml-serial",
+    "maml-vmap",
     "user-maml",
     "user-maml-serial",
     *LIBRARIES,
@@ -115,6 +140,14 @@ SECOND_ORDER = [
 ]
 Run = Callable[[], list[Tensor]]
 DEVICE = torch.device("cpu")  # --device
+
+
+def split_variant(name: str) -> tuple[str, str]:
+    """``("maml", "-vmap")`` for ``"maml-vmap"``; ``(name, "")`` without a variant."""
+    for v in VARIANTS:
+        if name.endswith(v):
+            return name.removesuffix(v), v
+    return name, ""
 
 
 def installed(name: str) -> bool:
@@ -225,14 +258,17 @@ def make(name: str, cfg: Config, tasks: mg.Task, init: list[Tensor]) -> tuple[Ru
     """``(run, params)``: ``run()`` returns the mean meta-gradient, in ``params``' order."""
     n, steps, lr = cfg.tasks, cfg.steps, cfg.lr
     (xs, ys), (xq, yq) = tasks
-    serial = name.endswith("-serial")
-    if name.removesuffix("-serial") in ESTIMATORS:
+    base, variant = split_variant(name)
+    if base in ESTIMATORS:
         model = load(mg_model(cfg).to(init[0]), init)
         theta = mg.params_of(model)
-        est = estimator(name.removesuffix("-serial"), mg.loss_fn(model, "cross_entropy"), steps, lr)
-        workers = 1 if serial else None
+        est = estimator(base, mg.loss_fn(model, "cross_entropy"), steps, lr)
+        workers = 1 if variant == "-serial" else None
+        mode = "vmap" if variant == "-vmap" else "loop"
         return (
-            lambda: list(mg.meta_gradient(est, theta, tasks, workers=workers)[0].values()),
+            lambda: list(
+                mg.meta_gradient(est, theta, tasks, mode=mode, workers=workers)[0].values()
+            ),
             list(theta.values()),
         )
     if name in ("plain", "plain-mg-conv4"):
@@ -443,6 +479,32 @@ def matmul_rate(size: int = 2048, reps: int = 5) -> float:
     return 2 * size**3 / median(times) / 1e9
 
 
+def steps_to(curve: str, target: float) -> int | None:
+    """The first validated outer step of a metrics log whose ``val_accuracy`` reaches ``target``
+    (``None`` if none does)."""
+    with open(curve) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("val_accuracy", -1.0) >= target:
+                return int(rec["step"])
+    return None
+
+
+def time_to(times: dict, steps: int | None, target: float) -> str:
+    """Steps a second and time to ``target`` validation accuracy of every implementation."""
+    lines = [
+        f"\nTime to {target:.0%} validation accuracy: {steps} outer steps (the run's first "
+        "validation at or above it) times the median seconds per meta-iteration\n",
+        "| implementation | outer steps a second | time to target (min) |",
+        "| --- | --- | --- |",
+    ]
+    for k, t in times.items():
+        w = median(t["wall"])
+        to = f"{steps * w / 60:.1f}" if steps is not None else "not reached"
+        lines.append(f"| {k} | {1 / w:.2f} | {to} |")
+    return "\n".join(lines)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -494,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--json", default=None, help="also write the raw timings here")
+    p.add_argument("--curve", default=None, help="a run's metrics.jsonl: time to --target")
+    p.add_argument("--target", type=float, default=0.97, help="validation accuracy (0.97)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -508,18 +572,24 @@ def main(argv: list[str] | None = None) -> int:
         print(memory_point(Config(**json.loads(a.worker_config)), a.worker))
         return 0
     configs = ["quick"] if a.quick else a.configs.split(",")
+    if configs == ["trained"]:
+        configs = TRAINED_CONFIGS
     reps = 1 if a.quick else a.reps
     impls = available(a.impls.split(","))
     unknown = [c for c in configs if c not in CONFIGS] + [
-        i for i in impls if i.removesuffix("-serial") not in IMPLS
+        i for i in impls if split_variant(i)[0] not in IMPLS
     ]
     if unknown:
         print(
             f"bench_meta: unknown {unknown}: configs {list(CONFIGS)}, implementations "
-            f"{IMPLS} (an estimator's name with -serial appended, too)",
+            f"{IMPLS} (an estimator's name with -serial or -vmap appended, too)",
             file=sys.stderr,
         )
         return 2
+    if a.curve and not Path(a.curve).is_file():
+        print(f"bench_meta: --curve {a.curve}: no such file", file=sys.stderr)
+        return 2
+    to_target = steps_to(a.curve, a.target) if a.curve else None
     rate = f"fp32 2048x2048 matrix product: {matmul_rate():.0f} GFLOP/s"
     print(machine(), f"impls: {impls}", rate, sep="\n")
     results, failed = {}, []
@@ -529,10 +599,14 @@ def main(argv: list[str] | None = None) -> int:
         failed += [f"{name}/{k}: {e:.1e}" for k, e in errors.items() if not e < 1e-6]
         times = time_config(cfg, impls, reps)
         memory = {k: memory_in_subprocess(cfg, k, a.threads) for k in impls} if a.memory else {}
-        work = {k: flops(cfg, k.removesuffix("-serial")) for k in impls}
+        work = {k: flops(cfg, split_variant(k)[0]) for k in impls}
         print(report(name, cfg, times, errors, memory, work), flush=True)
+        if a.curve:
+            print(time_to(times, to_target, a.target), flush=True)
         print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
         results[name] = {"times": times, "errors": errors, "memory": memory, "flops": work}
+        if a.curve:
+            results[name]["steps_to_target"] = {"target": a.target, "steps": to_target}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(

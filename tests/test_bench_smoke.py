@@ -50,6 +50,61 @@ def test_the_user_defined_maml_is_maml(one_thread):
     assert all(e < 1e-10 for e in errors.values()), errors
 
 
+def test_vmap_variant_is_maml(one_thread):
+    """``maml-vmap`` (the tasks batched by ``mode="vmap"``) in float64 against the plain loop."""
+    bench = _load("bench_meta")
+    assert bench.split_variant("maml-vmap") == ("maml", "-vmap")
+    assert bench.split_variant("maml-serial") == ("maml", "-serial")
+    assert bench.split_variant("plain") == ("plain", "")
+    errors = bench.check(bench.CONFIGS["quick"], ["maml-vmap", "plain"])
+    assert errors["plain"] == 0.0 and errors["maml-vmap"] < 1e-10, errors
+
+
+def test_trained_configs_are_the_maml_presets_shapes():
+    """``--configs trained``: each Omniglot MAML preset's ways, shots, queries, meta-batch, inner
+    steps and step size (5-way 1-shot: meta-batch 32, one step of 0.4, 1 query per class)."""
+    from metagrad.training import preset
+
+    bench = _load("bench_meta")
+    assert len(bench.TRAINED_CONFIGS) == 4
+    for name in bench.TRAINED_CONFIGS:
+        cfg = bench.CONFIGS[name]
+        p = preset(f"omniglot-{cfg.ways}w{cfg.shots}s-maml")
+        assert (cfg.ways, cfg.shots, cfg.queries) == (p.data.ways, p.data.shots, p.data.queries)
+        assert (cfg.tasks, cfg.steps, cfg.lr) == (
+            p.optim.meta_batch,
+            p.algo.inner_steps,
+            p.algo.inner_lr,
+        )
+        assert (cfg.arch, cfg.channels, cfg.size) == ("conv4", 1, 28)
+    assert bench.CONFIGS["5w1s-b32-s1-q1"].queries == 1
+
+
+def test_time_to_target_from_a_metrics_log(tmp_path, one_thread, capsys):
+    """The first validated step at or above the target, times each median step time."""
+    bench = _load("bench_meta")
+    log = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": 100, "query_loss": 1.0},
+        {"step": 500, "val_accuracy": 0.91},
+        {"step": 1000, "val_accuracy": 0.965},
+        {"step": 1500, "val_accuracy": 0.972},
+        {"step": 2000, "val_accuracy": 0.969},
+    ]
+    log.write_text("".join(bench.json.dumps(r) + "\n" for r in rows))
+    assert bench.steps_to(str(log), 0.97) == 1500
+    assert bench.steps_to(str(log), 0.91) == 500
+    assert bench.steps_to(str(log), 0.99) is None
+    times = {"a": {"wall": [0.2, 0.4, 0.2]}, "b": {"wall": [0.6]}}
+    table = bench.time_to(times, 1500, 0.97)
+    assert "| a | 5.00 | 5.0 |" in table and "| b | 1.67 | 15.0 |" in table  # 1500 x 0.2 s
+    assert "| a | 5.00 | not reached |" in bench.time_to(times, None, 0.99)
+    argv = ["--quick", "--impls", "plain", "--no-check", "--curve", str(tmp_path / "none.jsonl")]
+    assert bench.main(argv) == 2
+    assert bench.main(["--quick", "--impls", "plain", "--no-check", "--curve", str(log)]) == 0
+    assert "Time to 97% validation accuracy: 1500 outer steps" in capsys.readouterr().out
+
+
 def test_check_catches_a_wrong_meta_gradient(one_thread, monkeypatch):
     bench = _load("bench_meta")
     cfg = bench.CONFIGS["quick"]

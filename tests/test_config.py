@@ -53,6 +53,10 @@ def test_algorithm_presets_pick_their_estimator():
     assert reptile.optim.schedule == "linear" and reptile.optim.optimizer == "sgd"
     assert preset("omniglot-20w1s-fomaml").algo.algorithm == "fomaml"
     assert preset("leap-omniglot").data.benchmark == "omniglot-alphabets"
+    for ways, shots, lr in ((5, 1, 0.4), (5, 5, 0.4), (20, 1, 0.1), (20, 5, 0.1)):
+        m = preset(f"omniglot-{ways}w{shots}s-metasgd").algo
+        assert (m.algorithm, m.learn_lr, m.inner_lr) == ("maml", "parameter", lr)
+        assert m.inner_steps == m.eval_inner_steps == 1, "one step, as it trains"
 
 
 def test_imaml_damping_reaches_the_estimator():

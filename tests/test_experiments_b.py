@@ -85,6 +85,12 @@ def test_published_numbers_are_the_quoted_ones_with_their_sources():
     }
     assert all(src for _, src, _ in ot.PUBLISHED.values())
     assert not ot.PUBLISHED["ANIL"][2], "from memory: marked uncertain"
+    assert numbers["Meta-SGD"] == {(5, 1): 99.53, (5, 5): 99.93, (20, 1): 95.93, (20, 5): 98.97}
+    assert not ot.PUBLISHED["Meta-SGD"][2] and ot._paper("Meta-SGD", (5, 1)) == "99.53 (?)"
+    assert list(ot.ALGORITHMS)[:7] == [
+        "MAML", "FOMAML", "Reptile", "iMAML-GD", "iMAML-HF", "ANIL", "Leap"
+    ], "the finished cells' order"  # fmt: skip
+    assert ot.cell_config("Meta-SGD", 20, 1).algo.learn_lr == "parameter"
     assert ot._paper("ANIL", (20, 1)).endswith("(?)") and ot._paper("Leap", (5, 1)) == (
         "not reported"
     )
@@ -137,6 +143,41 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
         run_experiment("omniglot-table", Options(out=tmp_path, lake_runs=tmp_path))
     with pytest.raises(ValueError, match="--lake-runs does not apply"):
         run_experiment("leap-omniglot", Options(out=tmp_path, lake_runs=tmp_path))
+    for name in ("leap-omniglot", "lake-runs", "sinusoid", "uncertainty", "complexity"):
+        with pytest.raises(ValueError, match="--cells does not apply"):
+            run_experiment(name, Options(out=tmp_path, cells=("MAML",)))
+
+
+def test_cells_name_a_cell_a_setting_or_an_algorithm():
+    every = ot.selected(None)
+    assert len(every) == len(ot.SETTINGS) * len(ot.ALGORITHMS)
+    assert ot.selected(("5w1s/imaml-hf",)) == {("5w1s", "iMAML-HF")}
+    assert ot.selected(("20w1s",)) == {("20w1s", n) for n in ot.ALGORITHMS}
+    assert ot.selected(("MAML",)) == {(k, "MAML") for k in ("5w1s", "5w5s", "20w1s", "20w5s")}
+    both = ot.selected(("5w5s/Reptile", "20w5s/Meta-SGD", "5w5s/reptile"))
+    assert both == {("5w5s", "Reptile"), ("20w5s", "Meta-SGD")}
+    for wrong in (("5w2s/MAML",), ("MAMLL",), ("10w1s",)):
+        with pytest.raises(ValueError, match="no cell .* settings 5w1s, 5w5s, 20w1s, 20w5s"):
+            ot.selected(wrong)
+    with pytest.raises(ValueError, match="--cells is empty"):
+        ot.selected(())
+
+
+def test_only_the_chosen_cells_train_and_finished_others_are_reused(tmp_path, monkeypatch):
+    """``--cells 5w1s/Reptile``: Reptile 5-way 1-shot trains; MAML's finished cell is reused
+    (run_cell reuses it without training); every other cell is left alone, not even planned."""
+    reused = tmp_path / "cells" / "omniglot-table" / "5w1s" / "MAML-seed0"
+    ran, planned = [], []
+    monkeypatch.setattr(ot, "finished", lambda path: path == reused)
+    monkeypatch.setattr(ot, "record_plan", lambda config, path: planned.append(path))
+    monkeypatch.setattr(ot, "run_cell", lambda config, path: ran.append(path) or False)
+    options = Options(out=tmp_path, data=shared_root(), steps=3, cells=("5w1s/Reptile",))
+    ot.run(options)
+    assert [p.relative_to(tmp_path / "cells" / "omniglot-table") for p in ran] == [
+        reused.relative_to(tmp_path / "cells" / "omniglot-table"),
+        ot.Path("5w1s/Reptile-seed0"),
+    ]
+    assert planned == ran
 
 
 def test_lake_table_says_whose_runs_it_scored():

@@ -61,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=positive(int), help="outer steps (or iterations) per cell")
     p.add_argument("--lake-runs", type=Path, metavar="PATH", help="Lake's all_runs.zip")
+    p.add_argument(
+        "--cells",
+        type=lambda text: tuple(c.strip() for c in text.split(",") if c.strip()),
+        metavar="LIST",
+        help="train only these cells (omniglot-table: e.g. 5w1s/iMAML-HF,20w1s, or MAML)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         budget_minutes=args.budget_minutes,
         steps=args.steps,
         lake_runs=args.lake_runs,
+        cells=args.cells,
     )
     run_experiment(args.name, options)
     print(f"written: {options.out}")

@@ -24,6 +24,7 @@ class Options:
     budget_minutes: float | None = None
     steps: int | None = None
     lake_runs: Path | None = None
+    cells: tuple[str, ...] | None = None
 
 
 @dataclass

@@ -252,7 +252,7 @@ def slope(kappas: list[float], values: list[float | None]) -> float | None:
 
 def run(options: Options) -> Report:
     """Compute against kappa, memory against S, and the error floors; tables and figure."""
-    reject(options, "complexity", "seeds", "steps", "lake_runs", "budget_minutes", "data")
+    reject(options, "complexity", "seeds", "steps", "lake_runs", "budget_minutes", "data", "cells")
     if options.device != "cpu":
         raise ValueError("--device does not apply to the complexity experiment (counts on CPU)")
     start = time.perf_counter()

@@ -193,7 +193,7 @@ def _tasks(options: Options, setting: dict[str, Any], path: Path) -> str:
 
 def run(options: Options) -> Report:
     """Measure every point not measured yet (each in a fresh process); tables and figure."""
-    reject(options, "compute-memory", "seeds", "steps", "lake_runs")
+    reject(options, "compute-memory", "seeds", "steps", "lake_runs", "cells")
     start = time.perf_counter()
     setting = QUICK if options.quick else FULL
     budget = options.budget_minutes or (None if options.quick else BUDGET_MINUTES)

@@ -285,7 +285,7 @@ def omniglot_root(options: Options) -> Path:
 
 def run(options: Options) -> Report:
     """Part 1 (synthetic, exact inverse), part 2 (Omniglot); tables and two figures."""
-    reject(options, "hypergradients", "seeds", "budget_minutes", "lake_runs")
+    reject(options, "hypergradients", "seeds", "budget_minutes", "lake_runs", "cells")
     setting = dict(QUICK if options.quick else FULL)
     if options.steps is not None:
         setting["steps"] = options.steps

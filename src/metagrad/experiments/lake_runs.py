@@ -90,7 +90,7 @@ def per_run_errors(path: Path, runs: Path) -> list[float]:
 def run(options: Options) -> Report:
     """Meta-train (or resume, or reuse) each seed's run, then score it on both problems."""
     start = time.perf_counter()
-    reject(options, "lake-runs")
+    reject(options, "lake-runs", "cells")
     budget = QUICK if options.quick else FULL
     steps = options.steps or budget.get("steps")
     minutes = options.budget_minutes

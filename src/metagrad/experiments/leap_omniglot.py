@@ -197,7 +197,7 @@ def _paired(
 
 def run(options: Options) -> Report:
     """Meta-train (or resume, or reuse) every run, score each on the held-out alphabets."""
-    reject(options, "leap-omniglot", "lake_runs")
+    reject(options, "leap-omniglot", "lake_runs", "cells")
     start = time.perf_counter()
     budget = QUICK if options.quick else FULL
     minutes = options.budget_minutes

@@ -128,7 +128,16 @@ COMPUTE = {
 
 def run(options: Options) -> Report:
     """Relative errors over the tasks for every K; table and a two-panel log-scale figure."""
-    reject(options, "metagrad-accuracy", "data", "seeds", "budget_minutes", "steps", "lake_runs")
+    reject(
+        options,
+        "metagrad-accuracy",
+        "data",
+        "seeds",
+        "budget_minutes",
+        "steps",
+        "lake_runs",
+        "cells",
+    )
     start = time.perf_counter()
     setting = QUICK if options.quick else FULL
     tasks, theta0 = make_tasks(setting["tasks"], torch.Generator().manual_seed(0))

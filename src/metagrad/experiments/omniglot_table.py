@@ -1,17 +1,17 @@
 """Omniglot few-shot classification at equal compute (Rajeswaran et al. 2019, iMAML Table 2).
 
-MAML, FOMAML, Reptile, iMAML-GD, iMAML-HF, ANIL and Leap, each with its ``omniglot-*`` preset, on
-5-way 1-shot, 5-way 5-shot, 20-way 1-shot and 20-way 5-shot (the ``maml`` split: 1,200 training
-characters with rotations, 423 test characters), scored on the same 600 seeded test tasks with the
-preset's test-time steps: mean accuracy with a 95% confidence interval, beside the published
-numbers (:data:`PUBLISHED`, each with its source).
+MAML, FOMAML, Reptile, iMAML-GD, iMAML-HF, ANIL, Leap and Meta-SGD, each with its ``omniglot-*``
+preset, on 5-way 1-shot, 5-way 5-shot, 20-way 1-shot and 20-way 5-shot (the ``maml`` split: 1,200
+training characters with rotations, 423 test characters), scored on the same 600 seeded test tasks
+with the preset's test-time steps: mean accuracy with a 95% confidence interval, beside the
+published numbers (:data:`PUBLISHED`, each with its source).
 
 Budget. ``--budget-minutes M`` (default 15 on a CPU) gives every cell the same wall-clock time:
-the cell's outer-step count is planned from its own measured step time (one warm-up task, then
-two timed tasks, scaled to the meta-batch), so that training takes about ``M`` minutes; a linear
-schedule (Reptile) then anneals over exactly that many steps. The steps and the measured training
-seconds of every cell are reported beside the accuracies. ``--steps N`` trains every cell ``N``
-outer steps instead; on a GPU with neither flag each preset keeps its paper's iteration count.
+the cell's outer-step count is planned from its own measured step time (the median of three full
+meta-batches after a warm-up, :func:`step_seconds`), so that training takes about ``M`` minutes; a
+linear schedule (Reptile) then anneals over exactly that many steps. The steps and the measured
+training seconds of every cell are reported beside the accuracies. ``--steps N`` trains every cell
+``N`` outer steps instead; on a GPU with neither flag each preset keeps its paper's iteration count.
 Training uses every core torch is given: measure alone, one experiment at a time, since a cell's
 result depends only on its outer steps but its seconds depend on what else runs. Each new cell
 first measures its step time (:func:`step_seconds`) and saves it beside its folder
@@ -27,6 +27,11 @@ cheapest first (5w1s, 5w5s, 20w1s, 20w5s)::
     metagrad experiment omniglot-table --budget-minutes 15          # about 7 hours of training
     metagrad experiment omniglot-table --device cuda --steps 60000
     metagrad experiment omniglot-table --quick                      # 5-way 1-shot, a few steps
+    metagrad experiment omniglot-table --budget-minutes 50 --cells 5w1s/iMAML-HF,20w1s/MAML
+
+``--cells`` trains only the cells it names (a cell ``5w1s/iMAML-HF``, a whole setting ``20w1s``
+or a whole row ``MAML``); the other finished cells are still reused and reported, the unfinished
+ones left as they are.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from metagrad.algorithms import meta_gradient
 from metagrad.data import TaskSource
 from metagrad.experiments._cells import (
     diverged_notes,
+    finished,
     load_json,
     machine,
     reject,
@@ -70,7 +76,7 @@ from metagrad.training.config import DataConfig
 from metagrad.training.run import CONFIG
 
 DESCRIPTION = (
-    "iMAML Table 2: Omniglot 5/20-way 1/5-shot test accuracy of seven meta-learners at equal "
+    "iMAML Table 2: Omniglot 5/20-way 1/5-shot test accuracy of eight meta-learners at equal "
     "wall-clock budget, beside the published numbers"
 )
 
@@ -83,8 +89,10 @@ ALGORITHMS = {
     "iMAML-HF": "imaml-hf",
     "ANIL": "anil",
     "Leap": "leap",
+    "Meta-SGD": "metasgd",
 }
-"""Row name -> the ``omniglot-{W}w{K}s-*`` preset (Leap has none: see :func:`cell_config`)."""
+"""Row name -> the ``omniglot-{W}w{K}s-*`` preset (Leap has none: see :func:`cell_config`). New
+rows go last: a setting's cells train in this order, so the finished ones keep their place."""
 
 _MAML = "Finn et al. 2017 (MAML), Table 1"
 _REPTILE = "Nichol et al. 2018 (Reptile), Table 1, with transduction, as quoted in iMAML Table 2"
@@ -95,6 +103,11 @@ PUBLISHED: dict[str, tuple[dict[tuple[int, int], float], str, bool]] = {
     "Reptile": ({(5, 1): 97.68, (5, 5): 99.48, (20, 1): 89.43, (20, 5): 97.12}, _REPTILE, True),
     "iMAML-GD": ({(5, 1): 99.16, (20, 1): 94.46}, f"{_IMAML} (5-shot entries not quoted)", True),
     "iMAML-HF": ({(5, 1): 99.50, (5, 5): 99.74, (20, 1): 96.18, (20, 5): 99.14}, _IMAML, True),
+    "Meta-SGD": (
+        {(5, 1): 99.53, (5, 5): 99.93, (20, 1): 95.93, (20, 5): 98.97},
+        "Li et al. 2017 (Meta-SGD), Table 1, from memory: uncertain, check before quoting",
+        False,
+    ),
     "ANIL": (
         {(20, 1): 96.2, (20, 5): 98.0},
         "Raghu et al. 2020 (ANIL), Table 2, from memory: uncertain, check before quoting",
@@ -297,6 +310,37 @@ def report(options: Options, results: dict[str, dict[str, list]], info: dict[str
     return Report("omniglot-table", [acc, cost], figures, {**info, "results": results})
 
 
+def selected(cells: tuple[str, ...] | None) -> set[tuple[str, str]]:
+    """The ``(setting, algorithm)`` cells that ``--cells`` asks to train (all without it).
+
+    Each entry names a cell (``5w1s/iMAML-HF``), a setting (``20w1s``) or an algorithm (``MAML``),
+    case-insensitively; ``ValueError`` names the valid ones for anything else.
+    """
+    every = {(_key(w, s), name) for w, s in SETTINGS for name in ALGORITHMS}
+    if cells is None:
+        return every
+    if not cells:
+        raise ValueError("--cells is empty: name cells as 5w1s/MAML, settings or algorithms")
+    chosen: set[tuple[str, str]] = set()
+    for entry in cells:
+        setting, _, algorithm = entry.lower().rpartition("/")
+        if not setting and algorithm.endswith("s") and algorithm[:1].isdigit():
+            setting, algorithm = algorithm, ""  # a setting alone
+        match = {
+            (k, n)
+            for k, n in every
+            if (not setting or k == setting) and (not algorithm or n.lower() == algorithm)
+        }
+        if not match:
+            settings = ", ".join(_key(w, s) for w, s in SETTINGS)
+            raise ValueError(
+                f"--cells: no cell {entry!r}: give SETTING/ALGORITHM, SETTING or ALGORITHM, "
+                f"settings {settings}, algorithms {', '.join(ALGORITHMS)}"
+            )
+        chosen |= match
+    return chosen
+
+
 def run(options: Options) -> Report:
     """Train (or resume, or reuse) every cell, one setting at a time; the table after each."""
     reject(options, "omniglot-table", "lake_runs")
@@ -325,11 +369,14 @@ def run(options: Options) -> Report:
             + (f" Quick: meta-batch {QUICK['meta_batch']}." if options.quick else "")
         ),
     }
+    chosen = selected(options.cells)
     results: dict[str, dict[str, list]] = {}
     for ways, shots in budget.get("settings", SETTINGS):
         for name in ALGORITHMS:
             for seed in seeds:
                 path = cells / _key(ways, shots) / f"{name}-seed{seed}"
+                if (_key(ways, shots), name) not in chosen and not finished(path):
+                    continue  # not asked for (--cells), and nothing of it to reuse
                 config = cell_config(name, ways, shots, seed, options.device)
                 changes: dict[str, Any] = {"eval_tasks": budget["tasks"]}
                 if options.data is not None:

@@ -146,7 +146,7 @@ def _fmt(pair: tuple[float, float] | None) -> str | None:
 
 def run(options: Options) -> Report:
     """Train (or resume) every cell, then evaluate the finished ones and assemble the tables."""
-    reject(options, "sinusoid", "data", "lake_runs")
+    reject(options, "sinusoid", "data", "lake_runs", "cells")
     start = time.perf_counter()
     budget = QUICK if options.quick else FULL
     steps = options.steps or budget["steps"]

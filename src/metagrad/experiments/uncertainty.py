@@ -383,7 +383,7 @@ def omniglot_table(results: dict[str, dict[str, Any]], steps: int, tasks: int, n
 
 def run(options: Options) -> Report:
     """Train (or resume) every cell, score the finished ones, assemble the tables and figure."""
-    reject(options, "uncertainty", "seeds", "lake_runs")
+    reject(options, "uncertainty", "seeds", "lake_runs", "cells")
     start = time.perf_counter()
     budget = QUICK if options.quick else FULL
     steps = options.steps or budget["steps"]

@@ -161,6 +161,10 @@ OMNIGLOT: dict[str, Any] = dict(
 )
 
 
+METASGD_STEPS = {"inner_steps": 1, "eval_inner_steps": 1}
+"""Meta-SGD adapts in one step with its learned step sizes, in training and at test time."""
+
+
 IMAML_INNER_LR = 0.1
 """iMAML's inner GD step on Omniglot: the released code's 5-way 1-shot command (16 steps of 0.1,
 lam 2). MAML's single step of 0.4, taken 16 times, kept 5-way 1-shot at chance (query loss 4.4
@@ -189,7 +193,7 @@ def _omniglot(ways: int, shots: int, algo: str) -> tuple[dict[str, Any], str]:
         return {**base, **maml, "algorithm": algo}, maml_src + note
     if algo == "metasgd":
         return (
-            {**base, **maml, "algorithm": "maml", "learn_lr": "parameter", "eval_inner_steps": 1},
+            {**base, **maml, "algorithm": "maml", "learn_lr": "parameter", **METASGD_STEPS},
             f"{METASGD}: Conv4 and the Omniglot protocol of MAML, one inner step with a learned "
             f"step size per parameter entry (here started at MAML's {maml['inner_lr']}; the "
             "paper draws them from U[0.005, 0.1]), one step at test time; meta-batch "
@@ -362,7 +366,7 @@ def _mini_imagenet(shots: int, algo: str) -> tuple[dict[str, Any], str]:
         return {**base, **maml, "algorithm": algo}, f"{maml_src}; {_published(name)}"
     if algo == "metasgd":
         return (
-            {**base, **maml, "algorithm": "maml", "learn_lr": "parameter", "eval_inner_steps": 1},
+            {**base, **maml, "algorithm": "maml", "learn_lr": "parameter", **METASGD_STEPS},
             f"{METASGD}: Conv4 and the Omniglot protocol of MAML, one inner step with a learned "
             f"step size per parameter entry (here started at MAML's {maml['inner_lr']}; the "
             "paper draws them from U[0.005, 0.1]), one step at test time; meta-batch "
