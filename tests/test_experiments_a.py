@@ -156,6 +156,9 @@ def test_experiment_list_and_mistakes(capsys, tmp_path):
         (["experiment", "sinusoid", "--seeds", "0"], "expected a positive number"),
         (["experiment", "metagrad-accuracy", "--steps", "3"], "--steps does not apply"),
         (["experiment", "sinusoid", "--lake-runs", "x"], "--lake-runs does not apply"),
+        (["experiment", "sinusoid", "--cells", "MAML"], "--cells does not apply"),
+        (["experiment", "omniglot-table", "--cells", "5w2s/MAML"], "--cells: no cell '5w2s/MAML'"),
+        (["experiment", "omniglot-table", "--cells", ","], "--cells is empty"),
     ]
     for argv, message in cases:
         assert cli.main([*argv, "--out", str(tmp_path / "x")]) != 0
