@@ -42,15 +42,58 @@ def test_planned_steps_come_from_the_flag_the_run_or_the_measured_step_time(tmp_
     assert ot.planned(config, tmp_path / "run", 1.0, 20).optim.steps == 20, "--steps continues"
 
 
+def test_a_new_cell_trains_in_the_batching_mode_its_plan_timed_faster(tmp_path, monkeypatch):
+    config = ot.cell_config("MAML", 5, 5)
+    assert config.algo.mode == "loop" and ot.modes("MAML", "cpu") == ("loop", "vmap")
+    assert ot.modes("Reptile", "cpu") == ("loop",) and ot.modes("MAML", "cuda") == ("loop",)
+    for faster, times in (
+        ("vmap", {"loop": 0.3, "vmap": 0.2}),
+        ("loop", {"loop": 0.3, "vmap": 1.8}),
+    ):
+        monkeypatch.setattr(ot, "mode_seconds", lambda c, modes, t=times: {m: t[m] for m in modes})
+        cell = tmp_path / faster
+        ot.record_plan(config, cell, ot.modes("MAML", "cpu"))
+        plan = json.loads(ot.plan_path(cell).read_text())
+        assert plan["mode"] == faster and plan["step_seconds"] == times[faster]
+        assert plan["mode_step_seconds"] == times
+        assert ot.plan_mode(cell, "MAML", "cpu") == faster
+    old = tmp_path / "before"  # a plan saved before plans chose: vmap where VMAP names the cell
+    ot.plan_path(old).write_text(json.dumps({"step_seconds": 0.35}))
+    assert (
+        ot.plan_mode(old, "MAML", "cpu") == "vmap" and ot.plan_mode(old, "Reptile", "cpu") == "loop"
+    )
+    assert ot.plan_mode(tmp_path / "none", "Leap", "cpu") == "loop"
+
+
+def test_mode_seconds_interleaves_the_modes_and_drops_the_warm_up_round(monkeypatch):
+    """Every round samples a meta-batch and times each mode once, the first mode rotating; the
+    warm-up round is not counted; the median of the rest is each mode's step time."""
+    calls: list[str] = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(ot, "meta_gradient", lambda est, theta, batch, mode: calls.append(mode))
+    monkeypatch.setattr(ot.time, "perf_counter", lambda: float(next(clock)))
+    sampled: list[int] = []
+    source = type("Source", (), {"sample": lambda self, split, n, g: sampled.append(n)})()
+    monkeypatch.setattr(ot, "_source", lambda data: source)  # no images: nothing is computed
+    monkeypatch.setattr(ot, "to_device", lambda batch, device: batch)
+    config = ot.cell_config("MAML", 5, 1).override(root="unused", meta_batch=2)
+    seconds = ot.mode_seconds(config, ("loop", "vmap"), repeats=3)
+    assert calls == ["loop", "vmap", "vmap", "loop", "loop", "vmap", "vmap", "loop"]
+    assert seconds == {"loop": 1.0, "vmap": 1.0}  # each call takes one tick of the fake clock
+    assert sampled == [2] * 8, "a new meta-batch for every timed call"
+    calls.clear()
+    assert ot.step_seconds(config.override(mode="vmap"), repeats=2) == 1.0 and calls == ["vmap"] * 3
+
+
 def test_a_new_cell_records_its_step_time_once_and_its_curve_comes_from_validation(
     tmp_path, monkeypatch
 ):
     config = ot.cell_config("MAML", 5, 1)
-    monkeypatch.setattr(ot, "step_seconds", lambda c: 0.25)
+    monkeypatch.setattr(ot, "mode_seconds", lambda c, modes: {"loop": 0.25})
     ot.record_plan(config, tmp_path / "cell")
     plan = json.loads(ot.plan_path(tmp_path / "cell").read_text())
     assert plan["step_seconds"] == 0.25 and len(plan["load_average_before"]) == 3
-    monkeypatch.setattr(ot, "step_seconds", lambda c: pytest.fail("measured once"))
+    monkeypatch.setattr(ot, "mode_seconds", lambda c, modes: pytest.fail("measured once"))
     ot.record_plan(config, tmp_path / "cell")
     ten = ot.planned(config, tmp_path / "cell", 1.0, None)
     assert ten.optim.steps == 240 and ten.run.eval_every == 24, "the plan's time; 10 validations"
@@ -148,6 +191,22 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
             run_experiment(name, Options(out=tmp_path, cells=("MAML",)))
 
 
+def test_every_finished_cell_is_listed_with_its_preset_budget_and_load(tmp_path):
+    cell = {"accuracy": 97.0, "ci": 0.59, "tasks": 600, "preset": "omniglot-5w1s-maml"}
+    cell |= {"mode": "vmap", "seed": 0, "steps": 8533, "train_seconds": 2746.2}
+    cell |= {"step_seconds": 0.3516, "load_average": [1.14, 1.5, 1.58], "curve": [(853, 95.1)]}
+    reptile = cell | {"preset": "omniglot-20w1s-reptile", "mode": "loop", "load_average": None}
+    results = {"5w1s": {"MAML": [cell]}, "20w1s": {"Reptile": [reptile]}}
+    info = {"budget": "b", "protocol": "p"}
+    _, _, each = ot.report(Options(out=tmp_path), results, info).tables
+    assert each.rows == [
+        ["5w1s", "MAML", 0, "omniglot-5w1s-maml", "vmap", 8533, "0.352", "2746", "1.14",
+         "97.00 ± 0.59", "98.70"],
+        ["20w1s", "Reptile", 0, "omniglot-20w1s-reptile", "loop", 8533, "0.352", "2746", None,
+         "97.00 ± 0.59", "89.43"],
+    ]  # fmt: skip
+
+
 def test_cells_name_a_cell_a_setting_or_an_algorithm():
     every = ot.selected(None)
     assert len(every) == len(ot.SETTINGS) * len(ot.ALGORITHMS)
@@ -169,7 +228,7 @@ def test_only_the_chosen_cells_train_and_finished_others_are_reused(tmp_path, mo
     reused = tmp_path / "cells" / "omniglot-table" / "5w1s" / "MAML-seed0"
     ran, planned = [], []
     monkeypatch.setattr(ot, "finished", lambda path: path == reused)
-    monkeypatch.setattr(ot, "record_plan", lambda config, path: planned.append(path))
+    monkeypatch.setattr(ot, "record_plan", lambda config, path, modes: planned.append(path))
     monkeypatch.setattr(ot, "run_cell", lambda config, path: ran.append(path) or False)
     options = Options(out=tmp_path, data=shared_root(), steps=3, cells=("5w1s/Reptile",))
     ot.run(options)
@@ -195,10 +254,12 @@ def test_lake_table_says_whose_runs_it_scored():
 def test_omniglot_table_quick_fills_5w1s_then_reuses_its_cells(tmp_path):
     options = Options(out=tmp_path, quick=True, data=shared_root())
     report = run_experiment("omniglot-table", options)
-    acc, cost = report.tables
+    acc, cost, each = report.tables
     assert [r[0] for r in acc.rows] == list(ot.ALGORITHMS)
     assert all(r[1] is not None and r[3] is None for r in acc.rows), "5w1s only, rest missing"
     assert all(r[1] is not None for r in cost.rows) and MISSING in report.to_markdown()
+    assert [(r[0], r[1]) for r in each.rows] == [("5w1s", n) for n in ot.ALGORITHMS]
+    assert each.rows[0][3] == "omniglot-5w1s-maml" and each.rows[0][4] in ("loop", "vmap")
     for name in ("omniglot-table.md", "omniglot-table.json", "omniglot_table.png"):
         assert (tmp_path / name).is_file(), name
     result = report.info["results"]["5w1s"]["MAML"][0]

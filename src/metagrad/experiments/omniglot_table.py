@@ -126,10 +126,10 @@ and the load average around it, saved before it trains."""
 CURVE_POINTS = 10
 """Validations per cell: the points of its learning curve."""
 VMAP = ("MAML", "FOMAML", "ANIL", "iMAML-GD")
-"""Cells trained with ``mode="vmap"`` on a CPU: the same meta-gradient as the thread loop (the
-tests hold the two to 1e-10), measured faster on these small tasks (5-way 1-shot, 2 threads,
-quiet: MAML 3.0 outer steps a second against 2.2, iMAML-GD 0.4 against 0.3; docs/PERFORMANCE.md
-section 9)."""
+"""Cells that may train with ``mode="vmap"`` on a CPU (the same meta-gradient as the thread loop:
+the tests hold the two to 1e-10). A new cell's plan times both modes and trains with the faster
+(:func:`record_plan`): on 5-way 1-shot tasks of 10 images vmap is the faster, on larger tasks
+the loop, by 2.6 to 7.8 times for MAML (docs/PERFORMANCE.md section 10)."""
 
 
 def cell_config(name: str, ways: int, shots: int, seed: int = 0, device: str = "cpu") -> Config:
@@ -145,16 +145,27 @@ def cell_config(name: str, ways: int, shots: int, seed: int = 0, device: str = "
         config = dataclasses.replace(config, preset=f"omniglot-{ways}w{shots}s-maml, as Leap")
     else:
         config = preset(f"omniglot-{ways}w{shots}s-{ALGORITHMS[name]}")
-    mode = {"mode": "vmap"} if device == "cpu" and name in VMAP else {}
     return config.override(
-        seed=seed, device=device, eval_every=0, tensorboard=False, eval_tasks=600, **mode
+        seed=seed, device=device, eval_every=0, tensorboard=False, eval_tasks=600
     )
 
 
-def step_seconds(config: Config, repeats: int = 3) -> float:
-    """Seconds per outer step of ``config``: the median of ``repeats`` full meta-gradients of a
-    meta-batch, after one warm-up (a sample of two tasks scaled up overestimated a MAML step
-    2.4-fold: the first calls on a new shape and the idle worker threads dominate it)."""
+def modes(name: str, device: str) -> tuple[str, ...]:
+    """The batching modes a new cell's plan times, the faster to train with."""
+    return ("loop", "vmap") if device == "cpu" and name in VMAP else ("loop",)
+
+
+def step_seconds(config: Config, repeats: int = 7) -> float:
+    """Seconds per outer step of ``config`` in its batching mode (see :func:`mode_seconds`)."""
+    return mode_seconds(config, (config.algo.mode,), repeats)[config.algo.mode]
+
+
+def mode_seconds(config: Config, modes: tuple[str, ...], repeats: int = 7) -> dict[str, float]:
+    """Seconds per outer step of ``config`` in each batching mode of ``modes``: the median of
+    ``repeats`` rounds, each sampling a meta-batch and computing its full meta-gradient once in
+    every mode (in turn, the first mode rotating), after a warm-up round (a sample of two tasks
+    scaled up overestimated a MAML step 2.4-fold: the first calls on a new shape and the idle
+    worker threads dominate it; three rounds left the choice of mode to noise)."""
     config = data_root(config)
     source = _source(config.data)
     device = torch.device(config.run.device)
@@ -162,14 +173,15 @@ def step_seconds(config: Config, repeats: int = 3) -> float:
     estimator = build_estimator(config, model)
     theta = estimator.init_meta(model)
     g = torch.Generator().manual_seed(config.run.seed)
+    elapsed: dict[str, list[float]] = {mode: [] for mode in modes}
     with torch_settings(config):
-        elapsed = []
-        for _ in range(1 + repeats):
-            start = time.perf_counter()
-            batch = to_device(source.sample("train", config.optim.meta_batch, g), device)
-            meta_gradient(estimator, theta, batch, mode=config.algo.mode)  # type: ignore[arg-type]
-            elapsed.append(time.perf_counter() - start)
-    return statistics.median(elapsed[1:])
+        for r in range(1 + repeats):
+            for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+                start = time.perf_counter()
+                batch = to_device(source.sample("train", config.optim.meta_batch, g), device)
+                meta_gradient(estimator, theta, batch, mode=mode)  # type: ignore[arg-type]
+                elapsed[mode].append(time.perf_counter() - start)
+    return {mode: statistics.median(times[1:]) for mode, times in elapsed.items()}
 
 
 @functools.lru_cache(maxsize=2)
@@ -203,21 +215,34 @@ def plan_path(path: Path) -> Path:
     return path.with_name(path.name + PLAN)
 
 
-def record_plan(config: Config, path: Path) -> None:
-    """Measure a new cell's step time once and save it with the load average (``plan.json``)."""
+def record_plan(config: Config, path: Path, choices: tuple[str, ...] = ("loop",)) -> None:
+    """Measure a new cell's step time once in each batching mode of ``choices`` and save the
+    faster, its mode and the load average (``plan.json``)."""
     if (path / CONFIG).is_file() or plan_path(path).is_file():
         return
     load = os.getloadavg()
-    seconds = step_seconds(config)
+    seconds = mode_seconds(config, choices)
+    mode = min(seconds, key=lambda m: seconds[m])
     save_json(
         plan_path(path),
         {
-            "step_seconds": seconds,
+            "step_seconds": seconds[mode],
+            "mode": mode,
+            "mode_step_seconds": seconds,
             "threads": config.run.threads or torch.get_num_threads(),
             "load_average_before": list(load),
             "load_average_after": list(os.getloadavg()),
         },
     )
+
+
+def plan_mode(path: Path, name: str, device: str) -> str:
+    """The batching mode the cell in ``path`` trains with: its plan's choice. A plan saved
+    before plans chose (no ``mode``) trained with ``vmap`` where :data:`VMAP` names the cell."""
+    plan = load_json(plan_path(path)) or {}
+    if "mode" in plan:
+        return str(plan["mode"])
+    return "vmap" if device == "cpu" and name in VMAP else "loop"
 
 
 def curve(path: Path) -> list[tuple[int, float]]:
@@ -243,11 +268,15 @@ def cell_result(path: Path) -> dict[str, Any] | None:
     if ev is None:
         return None
     plan = load_json(plan_path(path)) or {}
+    config = RunDir(path).config()
     return {
         "accuracy": 100 * ev["accuracy"],
         "ci": 100 * ev["accuracy_ci"],
         "tasks": ev["tasks"],
-        "steps": RunDir(path).config().optim.steps,
+        "preset": config.preset,
+        "mode": config.algo.mode,
+        "seed": config.run.seed,
+        "steps": config.optim.steps,
         "train_seconds": round(train_seconds(path), 1),
         "step_seconds": plan.get("step_seconds"),
         "load_average": plan.get("load_average_before"),
@@ -290,6 +319,48 @@ def report(options: Options, results: dict[str, dict[str, list]], info: dict[str
         ["algorithm"] + settings,
         notes=["Training seconds from the run's own log (steps over steps per second)."],
     )
+    each = Table(
+        "omniglot_cells",
+        "Every finished cell: its preset, budget and the load average when its plan was measured",
+        [
+            "setting",
+            "algorithm",
+            "seed",
+            "preset",
+            "mode",
+            "outer steps",
+            "planned s/step",
+            "training s",
+            "load average",
+            "test accuracy (%)",
+            "paper",
+        ],
+        notes=[
+            "Planned s/step: the median of seven rounds of a full meta-batch measured before the "
+            "cell trained (three rounds, one mode, for cells planned before 2026-12-02 07:15); "
+            "load average: the 1-minute load average then (2 cores); training seconds include "
+            "the ten validations."
+        ],
+    )
+    for (w, s), key in zip(SETTINGS, settings, strict=True):
+        for name in ALGORITHMS:
+            for c in results.get(key, {}).get(name, []):
+                load = c.get("load_average")
+                each.rows.append(
+                    [
+                        key,
+                        name,
+                        c.get("seed", 0),
+                        c.get("preset"),
+                        c.get("mode"),
+                        c["steps"],
+                        None if c.get("step_seconds") is None else f"{c['step_seconds']:.3f}",
+                        f"{c['train_seconds']:.0f}",
+                        None if not load else f"{load[0]:.2f}",
+                        f"{c['accuracy']:.2f} ± {c['ci']:.2f}",
+                        _paper(name, (w, s)),
+                    ]
+                )
     for name in ALGORITHMS:
         row: list[str | None] = [name]
         costs: list[str | None] = [name]
@@ -307,7 +378,7 @@ def report(options: Options, results: dict[str, dict[str, list]], info: dict[str
     if results:
         figures.append(_plot(results, Path(options.out) / "omniglot_table.png"))
         figures.append(_curves(results, Path(options.out) / "omniglot_curves.png"))
-    return Report("omniglot-table", [acc, cost], figures, {**info, "results": results})
+    return Report("omniglot-table", [acc, cost, each], figures, {**info, "results": results})
 
 
 def selected(cells: tuple[str, ...] | None) -> set[tuple[str, str]]:
@@ -385,7 +456,8 @@ def run(options: Options) -> Report:
                     changes["meta_batch"] = min(config.optim.meta_batch, QUICK["meta_batch"])
                 config = data_root(config.override(**changes))
                 config = config.override(val_tasks=budget["val_tasks"])
-                record_plan(config, path)
+                record_plan(config, path, modes(name, options.device))
+                config = config.override(mode=plan_mode(path, name, options.device))
                 config = planned(config, path, minutes, options.steps)
                 try:
                     done = run_cell(config, path)
