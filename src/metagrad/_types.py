@@ -43,7 +43,8 @@ class Adapted(NamedTuple):
     ``params`` are the adapted parameters ``phi``; ``losses`` holds the loss before each inner
     step (shape ``(steps,)``). With ``record=True``, ``path`` is ``[theta^0, ..., theta^K]``,
     ``grads`` the gradients at ``theta^0 .. theta^{K-1}`` and ``path_losses`` the ``K + 1`` losses
-    along the path.
+    along the path. ``state`` is the solver's own state after the last step (Adam's moments, a
+    velocity: the entries of its state other than ``"params"``), where the solver has one.
     """
 
     params: Params
@@ -51,6 +52,7 @@ class Adapted(NamedTuple):
     path: list[Params] | None = None
     grads: list[Params] | None = None
     path_losses: Tensor | None = None
+    state: dict[str, Params] | None = None
 
 
 class Posterior(NamedTuple):

@@ -112,6 +112,10 @@ class EstimatorBase:
     inner: object
     hyper_prefixes: ClassVar[tuple[str, ...]] = ()
     """Key prefixes of the meta-parameters that are not the model's (learned ``lam``, ...)."""
+    carried_prefixes: ClassVar[tuple[str, ...]] = ()
+    """Key prefixes of the meta-parameters that are carried state, not learned (Reptile's inner
+    Adam moments): no optimiser steps them; after each meta-batch the loop sets them to
+    :meth:`carry` of the mean meta-gradient's entries under these prefixes."""
 
     def model_params(self, meta: Params) -> Params:
         """The entries of ``meta`` that the model takes: the initialisation ``theta``."""
@@ -127,6 +131,11 @@ class EstimatorBase:
 
     def meta_grad(self, theta: Params, task: Task) -> tuple[Params, Metrics]:
         raise NotImplementedError
+
+    def carry(self, meta: Params, mean: Params, tasks: int) -> Params:
+        """The new values of the carried entries after a meta-batch of ``tasks`` tasks, from
+        ``mean``, the mean meta-gradient (none here: nothing is carried)."""
+        return {}
 
     def __call__(self, theta: Params, task: Task) -> tuple[Params, Metrics]:
         """The meta-gradient for one task: keys, shapes and dtypes of ``theta``."""

@@ -40,7 +40,9 @@ ALGORITHMS.register(
     options={"head": "head", **MAML_OPTIONS},
     help="MAML adapting only the head's parameters",
 )
-ALGORITHMS.register("reptile", Reptile, help="Reptile: theta - phi")
+ALGORITHMS.register(
+    "reptile", Reptile, options={"carry_state": "inner_carry"}, help="Reptile: theta - phi"
+)
 ALGORITHMS.register(
     "leap",
     Leap,

@@ -84,7 +84,7 @@ SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))
 ALGORITHMS = {
     "MAML": "maml",
     "FOMAML": "fomaml",
-    "Reptile": "reptile",
+    "Reptile": "reptile-carried",
     "iMAML-GD": "imaml-gd",
     "iMAML-HF": "imaml-hf",
     "ANIL": "anil",
@@ -92,7 +92,10 @@ ALGORITHMS = {
     "Meta-SGD": "metasgd",
 }
 """Row name -> the ``omniglot-{W}w{K}s-*`` preset (Leap has none: see :func:`cell_config`). New
-rows go last: a setting's cells train in this order, so the finished ones keep their place."""
+rows go last: a setting's cells train in this order, so the finished ones keep their place.
+Reptile runs its inner Adam as the released code does, its state carried from task to task: with
+the moments reset for every task it reached 82.23% at 5-way 1-shot (the cell kept under
+``superseded/``)."""
 
 _MAML = "Finn et al. 2017 (MAML), Table 1"
 _REPTILE = "Nichol et al. 2018 (Reptile), Table 1, with transduction, as quoted in iMAML Table 2"

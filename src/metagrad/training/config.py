@@ -109,6 +109,11 @@ class AlgoConfig:
     newton_cg_steps: int = _f(5, "CG steps per Newton step of the newton-cg inner solver")
     inner_momentum: float = _f(0.9, "momentum and nesterov inner solvers: the momentum")
     inner_betas: tuple[float, float] = _f((0.9, 0.999), "adam inner solver: beta1 and beta2")
+    inner_carry: bool = _f(
+        False,
+        "Reptile: carry the inner solver's state (adam's moments) from task to task and into "
+        "test time, as one optimiser for all tasks (the Reptile paper's released code)",
+    )
     inner_batch_size: int | None = _f(
         None, "inner mini-batch size, where the solver takes one (default: the support set)"
     )

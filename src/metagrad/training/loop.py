@@ -104,8 +104,17 @@ def _scalars(metrics: Metrics) -> dict[str, torch.Tensor]:
 
 def check_config(config: Config) -> None:
     """``ValueError`` for a config that builds but cannot train (checked before any folder is
-    made): ``head`` prefixes that match no meta-parameter, for an algorithm that reads them."""
+    made): ``head`` prefixes that match no meta-parameter, for an algorithm that reads them;
+    ``inner_carry`` for an algorithm that does not read it, or with a solver that has no state."""
     entry = ALGORITHMS[config.algo.algorithm]
+    if config.algo.inner_carry and "inner_carry" not in entry.options.values():
+        readers = [e.name for e in ALGORITHMS.entries() if "inner_carry" in e.options.values()]
+        raise ValueError(
+            f"--inner-carry is read by {', '.join(readers)} only, not by "
+            f"{config.algo.algorithm}: drop it"
+        )
+    if config.algo.inner_carry:
+        build_estimator(config, build_model(config))  # the estimator checks its solver
     if "head" in entry.options.values():
         model = build_model(config)
         names = list(build_estimator(config, model).init_meta(model))
@@ -215,7 +224,9 @@ def _loop(
     estimator = build_estimator(config, model)
     evaluator = build_estimator(config, model, evaluation=True)
     theta = estimator.init_meta(model)
-    optimizer = _optimizer(config, list(theta.values()))
+    carried = {k for k in theta if k.startswith(getattr(estimator, "carried_prefixes", ()))}
+    learned = {k: p for k, p in theta.items() if k not in carried}
+    optimizer = _optimizer(config, list(learned.values()))
     generator = torch.Generator()
     generators = {"tasks": generator}
     step = 0
@@ -281,9 +292,15 @@ def _loop(
                 if not bool(finite & scalars["query_loss"].isfinite()):  # one sync per step
                     loss = scalars["query_loss"].item()
                     raise _diverged(run, step, seed_t, f"query loss {loss} or its gradient")
-                for k, p in theta.items():
+                for k, p in learned.items():
                     p.grad = grads[k]
                 optimizer.step()
+                if carried:  # the inner solver's state, carried to the next meta-batch
+                    with torch.no_grad():
+                        n_tasks = tasks.support.x.shape[0]
+                        carry = estimator.carry  # type: ignore[attr-defined]
+                        for k, v in carry(theta, grads, n_tasks).items():
+                            theta[k].copy_(v)
                 step += 1
                 for k, v in scalars.items():
                     window[k] = window.get(k, 0) + v

@@ -206,6 +206,18 @@ def _omniglot(ways: int, shots: int, algo: str) -> tuple[dict[str, Any], str]:
             {**base, **maml, "algorithm": "anil", "head": ("head.",)},
             f"{ANIL}: MAML's hyper-parameters reused, head-only inner loop; {table}. {maml_src}",
         )
+    if algo == "reptile-carried":
+        config, source = _omniglot(ways, shots, "reptile")
+        return (
+            {**config, "inner_carry": True},
+            source.replace(
+                "One difference: metagrad starts Adam's moments at zero for every task, the "
+                "released code carries them across tasks",
+                "Adam's moments and step count carried from task to task and into test time, "
+                "as the released code's one Adam optimiser (the tasks of a meta-batch start "
+                "from the same state: see metagrad.inner.Adam.carry)",
+            ),
+        )
     if algo == "reptile":
         return (
             {
@@ -275,8 +287,8 @@ def _omniglot(ways: int, shots: int, algo: str) -> tuple[dict[str, Any], str]:
 
 for _ways, _shots in ((5, 1), (5, 5), (20, 1), (20, 5)):
     for _algo in (
-        "maml", "fomaml", "reptile", "imaml-gd", "imaml-hf", "anil", "metasgd",
-        "probabilistic-imaml",
+        "maml", "fomaml", "reptile", "reptile-carried", "imaml-gd", "imaml-hf", "anil",
+        "metasgd", "probabilistic-imaml",
     ):  # fmt: skip
         PRESET_TABLE[f"omniglot-{_ways}w{_shots}s-{_algo}"] = _omniglot(_ways, _shots, _algo)
 
@@ -364,15 +376,6 @@ def _mini_imagenet(shots: int, algo: str) -> tuple[dict[str, Any], str]:
     )
     if algo in ("maml", "fomaml"):
         return {**base, **maml, "algorithm": algo}, f"{maml_src}; {_published(name)}"
-    if algo == "metasgd":
-        return (
-            {**base, **maml, "algorithm": "maml", "learn_lr": "parameter", **METASGD_STEPS},
-            f"{METASGD}: Conv4 and the Omniglot protocol of MAML, one inner step with a learned "
-            f"step size per parameter entry (here started at MAML's {maml['inner_lr']}; the "
-            "paper draws them from U[0.005, 0.1]), one step at test time; meta-batch "
-            f"{maml['meta_batch']}, Adam 1e-3 and 60,000 iterations as MAML (uncertain); results "
-            "Table 1 (99.53 / 99.93 / 95.93 / 98.97%, quoted from memory: check the paper)",
-        )
     if algo == "anil":
         return (
             {**base, **maml, "algorithm": "anil", "head": ("head.",)},
