@@ -390,7 +390,8 @@ def selected(cells: tuple[str, ...] | None) -> set[tuple[str, str]]:
     Each entry names a cell (``5w1s/iMAML-HF``), a setting (``20w1s``) or an algorithm (``MAML``),
     case-insensitively; ``ValueError`` names the valid ones for anything else.
     """
-    every = {(_key(w, s), name) for w, s in SETTINGS for name in ALGORITHMS}
+    keys = [_key(w, s) for w, s in SETTINGS]
+    every = {(k, name) for k in keys for name in ALGORITHMS}
     if cells is None:
         return every
     if not cells:
@@ -398,7 +399,7 @@ def selected(cells: tuple[str, ...] | None) -> set[tuple[str, str]]:
     chosen: set[tuple[str, str]] = set()
     for entry in cells:
         setting, _, algorithm = entry.lower().rpartition("/")
-        if not setting and algorithm.endswith("s") and algorithm[:1].isdigit():
+        if not setting and algorithm in keys:
             setting, algorithm = algorithm, ""  # a setting alone
         match = {
             (k, n)
@@ -406,10 +407,9 @@ def selected(cells: tuple[str, ...] | None) -> set[tuple[str, str]]:
             if (not setting or k == setting) and (not algorithm or n.lower() == algorithm)
         }
         if not match:
-            settings = ", ".join(_key(w, s) for w, s in SETTINGS)
             raise ValueError(
                 f"--cells: no cell {entry!r}: give SETTING/ALGORITHM, SETTING or ALGORITHM, "
-                f"settings {settings}, algorithms {', '.join(ALGORITHMS)}"
+                f"settings {', '.join(keys)}, algorithms {', '.join(ALGORITHMS)}"
             )
         chosen |= match
     return chosen
