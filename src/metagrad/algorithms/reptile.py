@@ -52,7 +52,7 @@ class Reptile(EstimatorBase):
 
     def init_meta(self, model: nn.Module) -> Params:
         """``theta``, and with ``carry_state`` the solver's starting state under ``STATE``."""
-        theta: Params = dict(model.named_parameters())
+        theta = super().init_meta(model)
         if not self.carry_state:
             return theta
         state = self.inner.carried(tree.detach(theta))  # type: ignore[attr-defined]

@@ -34,7 +34,7 @@ import torch
 from metagrad._types import Metrics, Params
 from metagrad.algorithms import ALGORITHMS
 from metagrad.data import TaskSource
-from metagrad.tasks import to_device
+from metagrad.tasks import count, to_device
 from metagrad.training.build import build_estimator, build_model, data_root, task_source
 from metagrad.training.checkpoint import (
     CHECKPOINT,
@@ -297,9 +297,8 @@ def _loop(
                 optimizer.step()
                 if carried:  # the inner solver's state, carried to the next meta-batch
                     with torch.no_grad():
-                        n_tasks = tasks.support.x.shape[0]
                         carry = estimator.carry  # type: ignore[attr-defined]
-                        for k, v in carry(theta, grads, n_tasks).items():
+                        for k, v in carry(theta, grads, count(tasks)).items():
                             theta[k].copy_(v)
                 step += 1
                 for k, v in scalars.items():

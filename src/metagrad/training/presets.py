@@ -206,23 +206,21 @@ def _omniglot(ways: int, shots: int, algo: str) -> tuple[dict[str, Any], str]:
             {**base, **maml, "algorithm": "anil", "head": ("head.",)},
             f"{ANIL}: MAML's hyper-parameters reused, head-only inner loop; {table}. {maml_src}",
         )
-    if algo == "reptile-carried":
-        config, source = _omniglot(ways, shots, "reptile")
-        return (
-            {**config, "inner_carry": True},
-            source.replace(
-                "One difference: metagrad starts Adam's moments at zero for every task, the "
-                "released code carries them across tasks",
-                "Adam's moments and step count carried from task to task and into test time, "
-                "as the released code's one Adam optimiser (the tasks of a meta-batch start "
-                "from the same state: see metagrad.inner.Adam.carry)",
-            ),
+    if algo in ("reptile", "reptile-carried"):
+        carried = algo == "reptile-carried"
+        adam = (
+            "Adam's moments and step count carried from task to task and into test time, as the "
+            "released code's one Adam optimiser (the tasks of a meta-batch start from the same "
+            "state: see metagrad.inner.Adam.carry)"
+            if carried
+            else "One difference: metagrad starts Adam's moments at zero for every task, the "
+            "released code carries them across tasks"
         )
-    if algo == "reptile":
         return (
             {
                 **base,
                 **REPTILE_PAPER,
+                **({"inner_carry": True} if carried else {}),
                 "shots": 10,
                 "eval_shots": shots,
                 "inner_lr": 1e-3 if five else 5e-4,
@@ -236,8 +234,7 @@ def _omniglot(ways: int, shots: int, algo: str) -> tuple[dict[str, Any], str]:
             f"({5 if five else 10} at test), "
             f"10 training shots, {5 if five else 10} inner steps (50 at test time), meta step 1.0 "
             f"annealed linearly to 0, meta-batch 5, {100 if five else 200}k iterations; results "
-            "Table 1. One difference: metagrad starts Adam's moments at zero for every task, the "
-            "released code carries them across tasks",
+            f"Table 1. {adam}",
         )
     if algo == "probabilistic-imaml":
         prior = 0.005
