@@ -191,7 +191,7 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
             run_experiment(name, Options(out=tmp_path, cells=("MAML",)))
 
 
-def test_every_finished_cell_is_listed_with_its_preset_budget_and_load(tmp_path):
+def test_every_finished_cell_is_listed_with_its_preset_planned_budget_and_load(tmp_path):
     cell = {"accuracy": 97.0, "ci": 0.59, "tasks": 600, "preset": "omniglot-5w1s-maml"}
     cell |= {"mode": "vmap", "seed": 0, "steps": 8533, "train_seconds": 2746.2}
     cell |= {"step_seconds": 0.3516, "load_average": [1.14, 1.5, 1.58], "curve": [(853, 95.1)]}
@@ -200,9 +200,9 @@ def test_every_finished_cell_is_listed_with_its_preset_budget_and_load(tmp_path)
     info = {"budget": "b", "protocol": "p"}
     _, _, each = ot.report(Options(out=tmp_path), results, info).tables
     assert each.rows == [
-        ["5w1s", "MAML", 0, "omniglot-5w1s-maml", "vmap", 8533, "0.352", "2746", "1.14",
+        ["5w1s", "MAML", 0, "omniglot-5w1s-maml", "vmap", 8533, "0.352", "50", "2746", "1.14",
          "97.00 ± 0.59", "98.70"],
-        ["20w1s", "Reptile", 0, "omniglot-20w1s-reptile", "loop", 8533, "0.352", "2746", None,
+        ["20w1s", "Reptile", 0, "omniglot-20w1s-reptile", "loop", 8533, "0.352", "50", "2746", None,
          "97.00 ± 0.59", "89.43"],
     ]  # fmt: skip
 

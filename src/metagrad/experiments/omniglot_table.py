@@ -333,6 +333,7 @@ def report(options: Options, results: dict[str, dict[str, list]], info: dict[str
             "mode",
             "outer steps",
             "planned s/step",
+            "planned min",
             "training s",
             "load average",
             "test accuracy (%)",
@@ -341,8 +342,9 @@ def report(options: Options, results: dict[str, dict[str, list]], info: dict[str
         notes=[
             "Planned s/step: the median of seven rounds of a full meta-batch measured before the "
             "cell trained (three rounds, one mode, for cells planned before 2026-12-02 07:15); "
-            "load average: the 1-minute load average then (2 cores); training seconds include "
-            "the ten validations."
+            "planned min: outer steps times planned s/step, the cell's budget; load average: "
+            "the 1-minute load average then (2 cores); training seconds include the ten "
+            "validations."
         ],
     )
     for (w, s), key in zip(SETTINGS, settings, strict=True):
@@ -358,6 +360,9 @@ def report(options: Options, results: dict[str, dict[str, list]], info: dict[str
                         c.get("mode"),
                         c["steps"],
                         None if c.get("step_seconds") is None else f"{c['step_seconds']:.3f}",
+                        None
+                        if c.get("step_seconds") is None
+                        else f"{c['steps'] * c['step_seconds'] / 60:.0f}",
                         f"{c['train_seconds']:.0f}",
                         None if not load else f"{load[0]:.2f}",
                         f"{c['accuracy']:.2f} ± {c['ci']:.2f}",
@@ -436,6 +441,8 @@ def run(options: Options) -> Report:
             if options.steps
             else f"Budget: {what} (outer steps planned from the cell's measured step time)"
         )
+        + " for the cells this run plans (a finished cell keeps its own plan: 'planned min' in "
+        "the cells table)"
         + f", {len(seeds)} seed(s); the papers train 60,000-200,000 outer steps on a GPU.",
         "protocol": (
             f"Test: {budget['tasks']} fixed tasks of the 423 test characters, the preset's "
