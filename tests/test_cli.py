@@ -86,6 +86,8 @@ def _one_line_error(capsys, argv: list[str], *expected: str) -> str:
         (["train", "--device", "tpu"], ["tpu"]),
         (["train", "--resume", "x", "--preset", "quickstart"], ["--resume"]),
         (["eval"], ["run"]),
+        (["train", "--adam-eps", "0"], ["adam_eps", "positive"]),
+        (["train", "--preset", "sinusoid-reptile", "--adam-eps", "1e-3"], ["--adam-eps", "sgd"]),
     ],
 )
 def test_usage_mistakes(capsys, argv, expected):

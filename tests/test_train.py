@@ -121,3 +121,17 @@ def test_progress_bar_on_a_terminal_and_log_lines_otherwise(tmp_path, capsys):
     train(tiny(steps=4, log_every=2), tmp_path / "b", progress=True)
     err = capsys.readouterr().err
     assert "4/4" in err and "step/s" in err and "loss=" in err
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-3])
+def test_the_outer_adam_takes_adam_eps(eps):
+    # Adam's first step, bias-corrected, is lr g / (|g| + eps): the closed form, not torch's code.
+    from metagrad.training.loop import _optimizer
+
+    config = preset("quickstart").override(outer_lr=0.1, adam_eps=eps)
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([1e-3, -2e-4, 5.0], dtype=torch.float64)
+    optimizer = _optimizer(config, [w])
+    w.grad = g.clone()
+    optimizer.step()
+    torch.testing.assert_close(w.detach(), -0.1 * g / (g.abs() + eps))

@@ -212,6 +212,7 @@ class OptimConfig:
 
     optimizer: str = _f("adam", "outer optimiser", ("adam", "sgd"))
     outer_lr: float = _f(1e-3, "outer learning rate (Reptile's meta step size with sgd)")
+    adam_eps: float = _f(1e-8, "the outer Adam's eps, added to the root of its second moment")
     schedule: str = _f(
         "constant", "outer lr schedule (linear: anneal to 0)", ("constant", "linear")
     )
@@ -220,6 +221,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(self.outer_lr > 0, f"outer_lr must be positive, got {self.outer_lr}")
+        _check(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
         _check(
             self.meta_batch >= 1, f"meta_batch must be a positive integer, got {self.meta_batch}"
         )

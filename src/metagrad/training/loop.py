@@ -49,7 +49,7 @@ from metagrad.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from metagrad.training.config import Config, field_section
+from metagrad.training.config import Config, OptimConfig, field_section
 from metagrad.training.evaluate import Evaluation, evaluate
 from metagrad.training.plots import plot_curves, plot_sinusoid
 from metagrad.training.progress import Progress
@@ -85,7 +85,7 @@ class TrainResult:
 def _optimizer(config: Config, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     o = config.optim
     if o.optimizer == "adam":
-        return torch.optim.Adam(params, lr=o.outer_lr)
+        return torch.optim.Adam(params, lr=o.outer_lr, eps=o.adam_eps)
     return torch.optim.SGD(params, lr=o.outer_lr)
 
 
@@ -105,8 +105,14 @@ def _scalars(metrics: Metrics) -> dict[str, torch.Tensor]:
 def check_config(config: Config) -> None:
     """``ValueError`` for a config that builds but cannot train (checked before any folder is
     made): ``head`` prefixes that match no meta-parameter, for an algorithm that reads them;
-    ``inner_carry`` for an algorithm that does not read it, or with a solver that has no state."""
+    ``inner_carry`` for an algorithm that does not read it, or with a solver that has no state;
+    ``adam_eps`` changed for the sgd outer optimiser."""
     entry = ALGORITHMS[config.algo.algorithm]
+    if config.optim.optimizer != "adam" and config.optim.adam_eps != OptimConfig().adam_eps:
+        raise ValueError(
+            f"--adam-eps is read by the adam outer optimiser only, not by "
+            f"{config.optim.optimizer}: drop it or pass --optimizer adam"
+        )
     if config.algo.inner_carry and "inner_carry" not in entry.options.values():
         readers = [e.name for e in ALGORITHMS.entries() if "inner_carry" in e.options.values()]
         raise ValueError(
