@@ -116,6 +116,32 @@ def test_imaml_on_linear_regression_equals_linear_solve(inner):
     assert metrics["cg_residual"] < 1e-8
 
 
+def test_imaml_pullback_is_plain_gd_then_one_proximal_step_on_linear_regression():
+    # The released code's inner loop: K plain GD steps (closed-form gradients here), then
+    # phi <- phi - pb lam (phi - w); the meta-gradient (I + H_s / lam)^-1 grad L_q at that phi.
+    model, loss, tasks = linear_regression()
+    task, lam, lr, steps, pb = mg.task_at(tasks, 0), 2.0, 0.05, 7, 0.1
+    theta = theta_of(model)
+    w = theta["weight"].T
+    hs, _ = _lr_hessian_and_grad(task.support, w)
+    phi = w.clone()
+    for _ in range(steps):
+        phi = phi - lr * _lr_hessian_and_grad(task.support, phi)[1]
+    pulled = phi - pb * lam * (phi - w)
+    _, gq = _lr_hessian_and_grad(task.query, pulled)
+    expected = torch.linalg.solve(torch.eye(len(w), dtype=DT) + hs / lam, gq)
+    imaml = mg.IMAML(loss, mg.GradientDescent(lr=lr, steps=steps), lam=lam, cg_steps=8, pullback=pb)
+    grad, metrics = imaml(theta, task)
+    assert torch.allclose(grad["weight"].T, expected, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(
+        metrics["query_loss"], ((task.query.x @ pulled - task.query.y) ** 2).mean()
+    )
+    # test time: the plain solve, no pull-back
+    assert torch.allclose(imaml.adapt(theta, task.support)["weight"].T, phi, rtol=1e-12)
+    with pytest.raises(ValueError, match="pull-back step size must be > 0"):
+        mg.IMAML(loss, mg.GradientDescent(lr=lr, steps=steps), pullback=0.0)
+
+
 def test_newton_cg_reaches_minimiser_of_strongly_convex_quadratic_in_one_step():
     g = torch.Generator().manual_seed(1)
     m = torch.randn(6, 6, generator=g, dtype=DT)

@@ -22,6 +22,21 @@ def test_sinusoid_presets_train(tmp_path, name):
     assert all(v.isfinite().all() for v in result.params.values())
 
 
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
+def test_the_released_imaml_loop_trains_from_its_flags(tmp_path, mode):
+    # --pullback and --adam-eps reach the estimator and the outer Adam (the Omniglot preset's
+    # two changes, on the sinusoid preset that needs no data)
+    config = preset("sinusoid-imaml-gd").override(pullback=0.005, adam_eps=1e-3, mode=mode)
+    result = train(config.override(**SHORT), tmp_path / "run", progress=False)
+    assert result.step == 2 and torch.isfinite(torch.tensor(result.evaluation.loss))
+    estimator = mg.training.build.build_estimator(config, mg.training.build.build_model(config))
+    assert estimator.pullback == 0.005
+    released = preset("omniglot-5w1s-imaml-gd-released")
+    assert (released.algo.pullback, released.optim.adam_eps) == (0.1, 1e-3)
+    paper = preset("omniglot-5w1s-imaml-gd")
+    assert (paper.algo.pullback, paper.optim.adam_eps) == (None, 1e-8)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "changes"),

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from metagrad import autodiff, implicit, linalg, tree
 from metagrad._types import Adapted, Batch, InnerSolver, LossFn, Metrics, Params, Task
-from metagrad.algorithms._base import EstimatorBase, module_of, scored, task_metrics
+from metagrad.algorithms._base import EstimatorBase, check_batch, module_of, scored, task_metrics
 
 LAM = "log_lam"
 """The key of a learned lam's logarithm in the meta-parameters (``log_lam/<module>`` per module)."""
@@ -78,10 +78,20 @@ class IMAML(EstimatorBase):
     cg_damping: float = 0.0
     lam_damping: float = 0.0
     learn_lam: LearnLam | None = None
+    pullback: float | None = None
+    """``None``: ``phi`` solves the proximal problem (the paper). A step size: the released
+    code's inner loop instead, the inner solver on ``L_s`` alone, then one gradient step of this
+    size on the proximal term, ``phi <- phi - pullback lam (phi - theta)``; :meth:`adapt` (test
+    time) returns the plain solve, without the pull-back, as that code tests with lam 0."""
 
     def __post_init__(self) -> None:
         if not self.lam > 0:
             raise ValueError(f"lam={self.lam}: the proximal regularisation must be > 0")
+        if self.pullback is not None and not self.pullback > 0:
+            raise ValueError(
+                f"pullback={self.pullback}: the pull-back step size must be > 0 (None: solve "
+                "the proximal problem)"
+            )
         if self.cg_steps < 0:
             raise ValueError(f"cg_steps={self.cg_steps}: the number of CG steps must be >= 0")
         if self.cg_damping < 0 or self.lam_damping < 0:
@@ -152,7 +162,22 @@ class IMAML(EstimatorBase):
         return objective
 
     def _adapt(self, theta: Params, support: Batch) -> Adapted:
-        return self.inner(self.proximal_loss(theta), self._split(theta)[0], support)
+        th, lam = self._split(theta)
+        if self.pullback is None:
+            return self.inner(self.proximal_loss(theta), th, support)
+        adapted = self.inner(self.loss, th, support)
+        phi = adapted.params
+        pulled = {k: phi[k] - self.pullback * lam[k] * (phi[k] - th[k]) for k in phi}
+        return adapted._replace(params=pulled)
+
+    def adapt(self, theta: Params, support: Batch) -> Params:
+        """``phi`` for one task's support set; with ``pullback``, the inner solve on ``L_s``
+        alone (the released code's test time)."""
+        if self.pullback is None:
+            return super().adapt(theta, support)
+        check_batch(support, "support", 0)
+        theta = tree.detach(theta)
+        return tree.detach(self.inner(self.loss, self._split(theta)[0], support).params)
 
     def meta_grad(self, theta: Params, task: Task) -> tuple[Params, Metrics]:
         """The meta-gradient for every entry of ``theta`` (the meta-parameters, lam's included)."""

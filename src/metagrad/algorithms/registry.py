@@ -58,6 +58,7 @@ ALGORITHMS.register(
         "cg_damping": "cg_damping",
         "lam_damping": "lam_damping",
         "learn_lam": "learn_lam",
+        "pullback": "pullback",
     },
     help="iMAML: implicit meta-gradient of the proximal inner problem, by CG",
 )

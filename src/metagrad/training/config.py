@@ -139,6 +139,12 @@ class AlgoConfig:
     learn_lam: str | None = _f(
         None, "iMAML: learn lam too, one for all or one per module", ("global", "module")
     )
+    pullback: float | None = _f(
+        None,
+        "iMAML: the released code's inner loop, the inner steps on the support loss alone, "
+        "then one step of this size on the proximal term; tested without it (None: solve "
+        "the proximal problem, the paper)",
+    )
     prior_std: float = _f(0.1, "probabilistic-imaml: the prior's std s (its start if learned)")
     learn_prior_std: str | None = _f(
         "global",
@@ -173,6 +179,10 @@ class AlgoConfig:
             f"eval_inner_steps must be >= 0, got {self.eval_inner_steps}",
         )
         _check(self.lam > 0, f"lam must be positive, got {self.lam}")
+        _check(
+            self.pullback is None or self.pullback > 0,
+            f"pullback must be positive, got {self.pullback}",
+        )
         for name in ("cg_damping", "lam_damping"):
             value = getattr(self, name)
             _check(value >= 0, f"{name} must be >= 0, got {value}")
