@@ -186,7 +186,7 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
         run_experiment("omniglot-table", Options(out=tmp_path, lake_runs=tmp_path))
     with pytest.raises(ValueError, match="--lake-runs does not apply"):
         run_experiment("leap-omniglot", Options(out=tmp_path, lake_runs=tmp_path))
-    for name in ("leap-omniglot", "lake-runs", "sinusoid", "uncertainty", "complexity"):
+    for name in ("lake-runs", "sinusoid", "uncertainty", "complexity"):
         with pytest.raises(ValueError, match="--cells does not apply"):
             run_experiment(name, Options(out=tmp_path, cells=("MAML",)))
 
@@ -291,6 +291,35 @@ def test_leap_omniglot_quick(tmp_path):
     held = json.loads((cell / "held_out.json").read_text())
     assert len(held["auc"]) == len(held["test_alphabets"]) == 10
     assert len(held["curve"]) == lo.QUICK["sgd_steps"]
+
+
+def test_leap_cells_name_a_run_an_alphabet_count_or_an_algorithm():
+    every = lo.selected(None)
+    assert len(every) == len(lo.ALPHABETS) * len(lo.ALGORITHMS)
+    assert lo.selected(("5/leap",)) == {("5", "Leap")}
+    assert lo.selected(("25",)) == {("25", n) for n in lo.ALGORITHMS}
+    assert lo.selected(("Leap",)) == {(str(n), "Leap") for n in lo.ALPHABETS}
+    assert lo.selected(("1/MAML", "3/reptile")) == {("1", "MAML"), ("3", "Reptile")}
+    for wrong in (("2/Leap",), ("Leapp",), ("Leap/5",), ("30",)):
+        with pytest.raises(ValueError, match="no cell .* alphabet counts 1, 3, 5, 10, 15, 20, 25"):
+            lo.selected(wrong)
+    with pytest.raises(ValueError, match="--cells is empty"):
+        lo.selected(())
+
+
+@pytest.mark.slow
+def test_leap_cells_train_only_the_named_runs(tmp_path):
+    """``--cells 3/Leap`` on the quick sweep: Leap on 3 alphabets trains and is scored beside the
+    no-meta-training baseline; no other run is made and their cells stay missing."""
+    options = Options(out=tmp_path, quick=True, data=shared_root(), cells=("3/Leap",))
+    auc, _, paired, _ = run_experiment("leap-omniglot", options).tables
+    made = sorted(p.name for p in (tmp_path / "cells" / "leap-omniglot").iterdir() if p.is_dir())
+    assert made == ["Leap-3-alphabets-seed0"]
+    rows = {r[0]: r[1:] for r in auc.rows}
+    assert rows["Leap"][0] is None and rows["Leap"][1] is not None  # columns 1, 3
+    assert all(c is None for name in ("Reptile", "FOMAML", "MAML") for c in rows[name])
+    assert all(c is not None for c in rows[lo.BASELINE])
+    assert {r[0]: r[1:] for r in paired.rows}["Leap"][1] is not None
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ __all__ = [
     "run_cell",
     "save_figure",
     "save_json",
+    "select_cells",
 ]
 
 
@@ -64,6 +65,45 @@ def reject(options: Options, experiment: str, *names: str) -> None:
         if getattr(options, name) is not None:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} does not apply to the {experiment} experiment: drop it")
+
+
+def select_cells(
+    cells: tuple[str, ...] | None,
+    columns: list[str],
+    rows: list[str],
+    kinds: tuple[str, str] = ("column", "row"),
+) -> set[tuple[str, str]]:
+    """The ``(column, row)`` cells that ``--cells`` asks for (all of them without it).
+
+    Each entry names one cell ``COLUMN/ROW``, a whole column or a whole row, case-insensitively;
+    ``kinds`` names the two (``("setting", "algorithm")``) in the ``ValueError`` that lists the
+    valid ones for anything else.
+    """
+    every = {(c, r) for c in columns for r in rows}
+    if cells is None:
+        return every
+    if not cells:
+        example = f"{columns[0]}/{rows[0]}"
+        raise ValueError(f"--cells is empty: name cells as {example}, {kinds[0]}s or {kinds[1]}s")
+    lower = {c.lower(): c for c in columns}
+    chosen: set[tuple[str, str]] = set()
+    for entry in cells:
+        column, _, row = entry.lower().rpartition("/")
+        if not column and row in lower:
+            column, row = row, ""  # a column alone
+        match = {
+            (c, r)
+            for c, r in every
+            if (not column or c.lower() == column) and (not row or r.lower() == row)
+        }
+        if not match:
+            a, b = (k.upper().replace(" ", "_") for k in kinds)
+            raise ValueError(
+                f"--cells: no cell {entry!r}: give {a}/{b}, {a} or {b}, "
+                f"{kinds[0]}s {', '.join(columns)}, {kinds[1]}s {', '.join(rows)}"
+            )
+        chosen |= match
+    return chosen
 
 
 def _changed(a: Config, b: Config) -> dict[str, Any]:

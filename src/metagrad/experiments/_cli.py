@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cells",
         type=lambda text: tuple(c.strip() for c in text.split(",") if c.strip()),
         metavar="LIST",
-        help="train only these cells (omniglot-table: e.g. 5w1s/iMAML-HF,20w1s, or MAML)",
+        help="train only these cells (omniglot-table: e.g. 5w1s/iMAML-HF,20w1s, or MAML; "
+        "leap-omniglot: e.g. 5/Leap,25, or Leap)",
     )
 
 

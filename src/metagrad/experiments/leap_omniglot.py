@@ -17,9 +17,12 @@ meta-training run has 5 inner steps (the paper's MAML is unrolled for 5), a meta
 ``min(alphabets, 5)`` and the same wall-clock time, ``--budget-minutes M`` per run (default 2;
 its outer steps planned from the measured step time, as in ``omniglot-table``), or ``--steps N``
 meta-steps; ``--seeds S`` seeds (default 1). Runs are ordinary run folders under
-``OUT/cells/leap-omniglot`` (resumable)::
+``OUT/cells/leap-omniglot`` (resumable). ``--cells`` trains only the runs it names (``5/Leap``,
+an alphabet count ``5`` or an algorithm ``Leap``); the other finished runs are still reused and
+reported, and the no-meta-training baseline is always scored::
 
     metagrad experiment leap-omniglot --budget-minutes 2          # about an hour on 2 cores
+    metagrad experiment leap-omniglot --steps 25 --seeds 3 --cells Leap
     metagrad experiment leap-omniglot --steps 1000 --seeds 10 --device cuda
     metagrad experiment leap-omniglot --quick
 """
@@ -39,12 +42,14 @@ from metagrad import autodiff
 from metagrad._types import Batch, Params, Task
 from metagrad.experiments._cells import (
     diverged_notes,
+    finished,
     load_json,
     machine,
     reject,
     run_or_note,
     save_figure,
     save_json,
+    select_cells,
 )
 from metagrad.experiments._report import Options, Report, Table
 from metagrad.experiments.omniglot_table import planned, train_seconds
@@ -195,9 +200,18 @@ def _paired(
     return mean_ci([float(d.mean()) for d in diffs])
 
 
+def selected(
+    cells: tuple[str, ...] | None, alphabets: tuple[int, ...] = ALPHABETS
+) -> set[tuple[str, str]]:
+    """The ``(alphabets, algorithm)`` runs that ``--cells`` asks to train (all without it): a
+    run ``5/Leap``, an alphabet count ``5`` or an algorithm ``Leap``, case-insensitively."""
+    counts = [str(n) for n in sorted(alphabets)]
+    return select_cells(cells, counts, list(ALGORITHMS), ("alphabet count", "algorithm"))
+
+
 def run(options: Options) -> Report:
     """Meta-train (or resume, or reuse) every run, score each on the held-out alphabets."""
-    reject(options, "leap-omniglot", "lake_runs", "cells")
+    reject(options, "leap-omniglot", "lake_runs")
     start = time.perf_counter()
     budget = QUICK if options.quick else FULL
     minutes = options.budget_minutes
@@ -227,10 +241,13 @@ def run(options: Options) -> Report:
         path = cells / f"{BASELINE.replace(' ', '-')}-seed{seed}.json"
         result = _held_out(base, init, budget["sgd_steps"], path)
         scores.setdefault(BASELINE, {}).setdefault(0, []).append(result)  # one per seed
+    chosen = selected(options.cells, budget["alphabets"])
     for n in budget["alphabets"]:
         for name in ALGORITHMS:
             for seed in seeds:
                 path = cells / f"{name}-{n}-alphabets-seed{seed}"
+                if (str(n), name) not in chosen and not finished(path):
+                    continue  # not asked for (--cells), and nothing of it to reuse
                 config = cell_config(name, n, seed, options.device, options.quick)
                 config = planned(data_root(config.override(**changes)), path, minutes, steps)
                 if not run_or_note(config, path, failed):

@@ -57,6 +57,7 @@ from metagrad.experiments._cells import (
     run_cell,
     save_figure,
     save_json,
+    select_cells,
 )
 from metagrad.experiments._report import Options, Report, Table
 from metagrad.tasks import to_device
@@ -397,28 +398,7 @@ def selected(cells: tuple[str, ...] | None) -> set[tuple[str, str]]:
     case-insensitively; ``ValueError`` names the valid ones for anything else.
     """
     keys = [_key(w, s) for w, s in SETTINGS]
-    every = {(k, name) for k in keys for name in ALGORITHMS}
-    if cells is None:
-        return every
-    if not cells:
-        raise ValueError("--cells is empty: name cells as 5w1s/MAML, settings or algorithms")
-    chosen: set[tuple[str, str]] = set()
-    for entry in cells:
-        setting, _, algorithm = entry.lower().rpartition("/")
-        if not setting and algorithm in keys:
-            setting, algorithm = algorithm, ""  # a setting alone
-        match = {
-            (k, n)
-            for k, n in every
-            if (not setting or k == setting) and (not algorithm or n.lower() == algorithm)
-        }
-        if not match:
-            raise ValueError(
-                f"--cells: no cell {entry!r}: give SETTING/ALGORITHM, SETTING or ALGORITHM, "
-                f"settings {', '.join(keys)}, algorithms {', '.join(ALGORITHMS)}"
-            )
-        chosen |= match
-    return chosen
+    return select_cells(cells, keys, list(ALGORITHMS), ("setting", "algorithm"))
 
 
 def run(options: Options) -> Report:
