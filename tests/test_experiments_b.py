@@ -293,6 +293,12 @@ def test_leap_omniglot_quick(tmp_path):
     assert len(held["curve"]) == lo.QUICK["sgd_steps"]
 
 
+def test_lake_and_leap_runs_train_on_every_core_as_the_table_cells():
+    assert lr.cell_config().run.threads == 0 and lr.cell_config().data.split == "lake"
+    for name in lo.ALGORITHMS:
+        assert lo.cell_config(name, 5).run.threads == 0, name
+
+
 def test_leap_cells_name_a_run_an_alphabet_count_or_an_algorithm():
     every = lo.selected(None)
     assert len(every) == len(lo.ALPHABETS) * len(lo.ALGORITHMS)

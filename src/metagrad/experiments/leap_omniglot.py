@@ -99,7 +99,6 @@ def cell_config(
 ) -> Config:
     """The ``leap-omniglot`` preset on ``alphabets`` training alphabets, within a CPU budget."""
     budget = QUICK if quick else FULL
-    threads = {"threads": 1} if device == "cpu" else {}
     return preset("leap-omniglot").override(
         algorithm=ALGORITHMS[algorithm],
         train_alphabets=alphabets,
@@ -110,7 +109,6 @@ def cell_config(
         device=device,
         eval_every=0,
         tensorboard=False,
-        **threads,
     )
 
 
