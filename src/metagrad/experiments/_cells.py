@@ -71,7 +71,7 @@ def select_cells(
     cells: tuple[str, ...] | None,
     columns: list[str],
     rows: list[str],
-    kinds: tuple[str, str] = ("column", "row"),
+    kinds: tuple[str, str],
 ) -> set[tuple[str, str]]:
     """The ``(column, row)`` cells that ``--cells`` asks for (all of them without it).
 
@@ -85,7 +85,7 @@ def select_cells(
     if not cells:
         example = f"{columns[0]}/{rows[0]}"
         raise ValueError(f"--cells is empty: name cells as {example}, {kinds[0]}s or {kinds[1]}s")
-    lower = {c.lower(): c for c in columns}
+    lower = {c.lower() for c in columns}
     chosen: set[tuple[str, str]] = set()
     for entry in cells:
         column, _, row = entry.lower().rpartition("/")

@@ -22,7 +22,7 @@ an alphabet count ``5`` or an algorithm ``Leap``); the other finished runs are s
 reported, and the no-meta-training baseline is always scored::
 
     metagrad experiment leap-omniglot --budget-minutes 2          # about an hour on 2 cores
-    metagrad experiment leap-omniglot --steps 25 --seeds 3 --cells Leap
+    metagrad experiment leap-omniglot --steps 20 --seeds 3 --cells Leap  # docs/RESULTS.md 5
     metagrad experiment leap-omniglot --steps 1000 --seeds 10 --device cuda
     metagrad experiment leap-omniglot --quick
 """
